@@ -1,0 +1,170 @@
+"""State-space models from numpyro distributions, as Feynman-Kac models.
+
+A state-space model is x_0 ~ p_θ(x_0), x_t | x_{t-1} ~ p_θ(x_t | x_{t-1}), y_t | x_t ~ p_θ(y_t | x_t).
+Two Feynman-Kac views of it share the evidence Z = p_θ(y_{0:T-1}):
+
+- **bootstrap** (Gordon, Salmond & Smith 1993): M_t = transition, G_t = p(y_t | x_t);
+- **guided**: M_t = a user proposal q_t(x_t | x_{t-1}, y_t),
+  G_t = p(y_t | x_t) p(x_t | x_{t-1}) / q_t(x_t | x_{t-1}, y_t).
+
+The user writes single-particle functions returning numpyro distributions; they are lifted over
+the particle axis by ``vmap``. Parameters θ are a pytree of arrays passed to every function, so that
+log Ẑ can be differentiated with respect to θ and PMMH can swap them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
+
+from ppl.feynman_kac import AbstractFeynmanKac
+
+__all__ = ["StateSpaceModel", "BootstrapFilter", "GuidedFilter"]
+
+
+class StateSpaceModel(eqx.Module):
+    """A state-space model given by numpyro distributions.
+
+    Args:
+        initial: ``initial(params) -> Distribution`` for x_0.
+        transition: ``transition(params, t, x_prev) -> Distribution`` for x_t.
+        observation: ``observation(params, t, x) -> Distribution`` for y_t.
+        params: pytree of arrays θ (may be ``None``).
+
+    ``t`` is a traced int32 scalar; index per-time covariates with it.
+    """
+
+    initial: Callable = eqx.field(static=True)
+    transition: Callable = eqx.field(static=True)
+    observation: Callable = eqx.field(static=True)
+    params: Any = None
+
+    def __check_init__(self):
+        for name in ("initial", "transition", "observation"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"StateSpaceModel.{name} must be callable")
+
+    def with_params(self, params: PyTree) -> "StateSpaceModel":
+        """The same model with other parameters θ."""
+        return eqx.tree_at(lambda m: m.params, self, params, is_leaf=lambda x: x is None)
+
+    def bootstrap(self, observations: PyTree) -> "BootstrapFilter":
+        """Bootstrap Feynman-Kac model for observations with leading time axis T."""
+        return BootstrapFilter(self, observations, _horizon(observations))
+
+    def guided(self, observations: PyTree, proposal: Callable) -> "GuidedFilter":
+        """Guided Feynman-Kac model with ``proposal(params, t, x_prev_or_None, y_t) -> Distribution``
+        (``x_prev`` is ``None`` at t = 0, where the proposal replaces the initial law)."""
+        if not callable(proposal):
+            raise TypeError("proposal must be callable: proposal(params, t, x_prev, y_t)")
+        return GuidedFilter(self, observations, _horizon(observations), proposal)
+
+    def simulate(self, key, num_steps: int) -> tuple[PyTree, PyTree]:
+        """Draw (x_{0:T-1}, y_{0:T-1}) from the model."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        k0, ky0, key = jax.random.split(key, 3)
+        x0 = self.initial(self.params).sample(k0)
+        y0 = self.observation(self.params, jnp.asarray(0), x0).sample(ky0)
+
+        def body(x, inp):
+            t, k = inp
+            kx, ky = jax.random.split(k)
+            x = self.transition(self.params, t, x).sample(kx)
+            y = self.observation(self.params, t, x).sample(ky)
+            return x, (x, y)
+
+        keys = jax.random.split(key, num_steps - 1)
+        _, (xs, ys) = jax.lax.scan(body, x0, (jnp.arange(1, num_steps), keys))
+        cat = lambda a, b: jnp.concatenate([a[None], b], axis=0)  # noqa: E731
+        return jax.tree.map(cat, x0, xs), jax.tree.map(cat, y0, ys)
+
+
+def _horizon(observations) -> int:
+    leaves = jax.tree.leaves(observations)
+    if not leaves:
+        raise ValueError("observations must contain at least one array with a leading time axis")
+    lengths = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if None in lengths:
+        raise ValueError("observations need a leading time axis; got a scalar")
+    if len(lengths) != 1:
+        raise ValueError(f"observation leaves disagree on the number of time steps: {lengths}")
+    (t,) = lengths
+    if t < 1:
+        raise ValueError("observations are empty (T = 0)")
+    return int(t)
+
+
+def _y(observations, t):
+    return jax.tree.map(lambda y: y[t], observations)
+
+
+class BootstrapFilter(AbstractFeynmanKac):
+    """Bootstrap filter: move with the transition, weight with the observation density."""
+
+    ssm: StateSpaceModel
+    observations: PyTree
+    num_steps: int = eqx.field(static=True)
+
+    def init(self, key, num_particles):
+        d = self.ssm.initial(self.ssm.params)
+        return d.sample(key, (num_particles,))
+
+    def move(self, key, t, particles):
+        n = jax.tree.leaves(particles)[0].shape[0]
+        keys = jax.random.split(key, n)
+        return jax.vmap(lambda k, x: self.ssm.transition(self.ssm.params, t, x).sample(k))(
+            keys, particles
+        )
+
+    def log_potential(self, t, previous, particles) -> Float[Array, " N"]:
+        y = _y(self.observations, t)
+        return jax.vmap(lambda x: _logp(self.ssm.observation(self.ssm.params, t, x), y))(particles)
+
+    def log_transition(self, t, previous, particles):
+        return jax.vmap(lambda xp, x: _logp(self.ssm.transition(self.ssm.params, t, xp), x))(
+            previous, particles
+        )
+
+
+class GuidedFilter(BootstrapFilter):
+    """Guided filter with proposal q_t; G_t = p(y_t|x_t) p(x_t|x_{t-1}) / q_t(x_t|x_{t-1}, y_t)."""
+
+    proposal: Callable = eqx.field(static=True)
+
+    def init(self, key, num_particles):
+        y0 = _y(self.observations, 0)
+        d = self.proposal(self.ssm.params, jnp.asarray(0), None, y0)
+        return d.sample(key, (num_particles,))
+
+    def move(self, key, t, particles):
+        y = _y(self.observations, t)
+        n = jax.tree.leaves(particles)[0].shape[0]
+        keys = jax.random.split(key, n)
+        return jax.vmap(lambda k, x: self.proposal(self.ssm.params, t, x, y).sample(k))(
+            keys, particles
+        )
+
+    def log_potential(self, t, previous, particles):
+        y = _y(self.observations, t)
+        p = self.ssm.params
+        obs = jax.vmap(lambda x: _logp(self.ssm.observation(p, t, x), y))(particles)
+        if previous is None:
+            prior = jax.vmap(lambda x: _logp(self.ssm.initial(p), x))(particles)
+            prop = jax.vmap(lambda x: _logp(self.proposal(p, t, None, y), x))(particles)
+        else:
+            prior = jax.vmap(lambda xp, x: _logp(self.ssm.transition(p, t, xp), x))(
+                previous, particles
+            )
+            prop = jax.vmap(lambda xp, x: _logp(self.proposal(p, t, xp, y), x))(previous, particles)
+        return obs + prior - prop
+
+
+def _logp(dist, value) -> Float[Array, ""]:
+    """log density summed over event and any leftover batch dimensions (one scalar per particle)."""
+    lp = dist.log_prob(value)
+    return jnp.sum(lp)

@@ -1,0 +1,217 @@
+"""Resampling schemes, in plain and conditional form, and the effective sample size.
+
+A scheme maps normalised log-weights ``log_w`` (length N) to M ancestor indices ``a`` whose offspring
+counts O_i = #{k : a_k = i} are unbiased: E[O_i] = M · W_i. All four schemes here satisfy this;
+stratified, systematic and residual have lower variance than multinomial (Douc, Cappé & Moulines
+2005).
+
+The *conditional* form keeps a pinned particle (conditional SMC / particle Gibbs, Andrieu, Doucet &
+Holenstein 2010): ``conditional(key, log_w, pin)`` returns N ancestors with ``a_0 = pin`` and the
+other ancestors drawn from the scheme's law conditioned on the pinned slot choosing ``pin``. For the
+low-variance schemes this conditional law is ∝ O_pin (the reference slot is exchangeable among the
+O_pin offspring of ``pin``), which we sample exactly (cf. Chopin & Singh 2015, "On particle Gibbs
+sampling").
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+__all__ = [
+    "AbstractResampling",
+    "Multinomial",
+    "Stratified",
+    "Systematic",
+    "Residual",
+    "ess",
+    "log_ess",
+    "normalise",
+    "offspring_counts",
+    "get_resampling",
+]
+
+
+def normalise(log_weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    """Normalised log-weights log W_i = log w_i − log Σ_j w_j."""
+    return log_weights - jax.nn.logsumexp(log_weights)
+
+
+def log_ess(log_weights: Float[Array, " N"]) -> Float[Array, ""]:
+    """log ESS = 2 log Σ w − log Σ w² (Kong 1992); accepts unnormalised log-weights."""
+    return 2 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2 * log_weights)
+
+
+def ess(log_weights: Float[Array, " N"]) -> Float[Array, ""]:
+    """Effective sample size (Σ w)² / Σ w² ∈ [1, N]."""
+    return jnp.exp(log_ess(log_weights))
+
+
+def offspring_counts(ancestors: Int[Array, " M"], num_particles: int) -> Int[Array, " N"]:
+    """O_i = number of children of particle i."""
+    return jnp.zeros(num_particles, jnp.int32).at[ancestors].add(1)
+
+
+def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -> Int[Array, " M"]:
+    """Indices i with cumsum(W)_{i-1} ≤ u < cumsum(W)_i for sorted uniforms u in [0, 1)."""
+    cumulative = jnp.cumsum(weights)
+    cumulative = cumulative / cumulative[-1]
+    idx = jnp.searchsorted(cumulative, positions, side="right")
+    return jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32)
+
+
+class AbstractResampling(eqx.Module):
+    """Strategy interface: ``__call__(key, log_w, M)`` and ``conditional(key, log_w, pin)``."""
+
+    @abc.abstractmethod
+    def __call__(
+        self, key: PRNGKeyArray, log_weights: Float[Array, " N"], num_samples: int | None = None
+    ) -> Int[Array, " M"]:
+        """Ancestor indices with E[O_i] = M W_i (M = N by default)."""
+
+    @abc.abstractmethod
+    def _conditional_at_zero(
+        self, key: PRNGKeyArray, weights: Float[Array, " N"]
+    ) -> Int[Array, " N"]:
+        """Conditional resampling keeping particle 0 in slot 0 (normalised weights)."""
+
+    def conditional(
+        self, key: PRNGKeyArray, log_weights: Float[Array, " N"], pin: Int[Array, ""] | int = 0
+    ) -> Int[Array, " N"]:
+        """N ancestors with slot 0 pinned to particle ``pin`` (conditional SMC).
+
+        Implemented by rotating the particle order so that ``pin`` comes first (every scheme here
+        is valid for any fixed order), resampling conditionally on particle 0 and rotating back.
+        """
+        n = log_weights.shape[0]
+        pin = jnp.asarray(pin, jnp.int32)
+        weights = jnp.exp(normalise(log_weights))
+        rolled = jnp.roll(weights, -pin)
+        a = self._conditional_at_zero(key, rolled)
+        return ((a + pin) % n).astype(jnp.int32)
+
+
+class Multinomial(AbstractResampling):
+    """i.i.d. draws from the categorical distribution of the weights."""
+
+    def __call__(self, key, log_weights, num_samples=None):
+        m = log_weights.shape[0] if num_samples is None else num_samples
+        return jax.random.categorical(key, log_weights, shape=(m,)).astype(jnp.int32)
+
+    def _conditional_at_zero(self, key, weights):
+        n = weights.shape[0]
+        a = jax.random.categorical(key, jnp.log(weights), shape=(n,)).astype(jnp.int32)
+        return a.at[0].set(0)
+
+
+def _tilted_bernoulli_for_first(key, weights, m_total):
+    """For the first particle with expected count c = m_total · W_0 = k + f: return B ~ P(B=1) =
+    f (k+1) / (f (k+1) + (1−f) k), the law of the fractional stratum's hit under tilting by O_0."""
+    c = m_total * weights[0]
+    k = jnp.floor(c)
+    f = c - k
+    p_one = f * (k + 1) / (f * (k + 1) + (1 - f) * k)
+    p_one = jnp.where(k == 0, 1.0, p_one)
+    return jax.random.bernoulli(key, p_one), k, f
+
+
+class Stratified(AbstractResampling):
+    """One uniform per stratum [k/M, (k+1)/M) (Kitagawa 1996)."""
+
+    def __call__(self, key, log_weights, num_samples=None):
+        m = log_weights.shape[0] if num_samples is None else num_samples
+        u = (jnp.arange(m) + jax.random.uniform(key, (m,))) / m
+        return _sorted_search(jnp.exp(normalise(log_weights)), u)
+
+    def _conditional_at_zero(self, key, weights):
+        # Particle 0 owns [0, W_0): strata k < floor(N W_0) always hit it, the stratum
+        # floor(N W_0) hits it with probability f. Tilt that stratum's uniform by O_0.
+        n = weights.shape[0]
+        k_bern, k_unif, k_frac = jax.random.split(key, 3)
+        hit, k, f = _tilted_bernoulli_for_first(k_bern, weights, n)
+        u = jax.random.uniform(k_unif, (n,))
+        v = jax.random.uniform(k_frac)
+        u_frac = jnp.where(hit, v * f, f + v * (1 - f))
+        idx = jnp.clip(k.astype(jnp.int32), 0, n - 1)
+        u = jnp.where((jnp.arange(n) == idx) & (k < n), u_frac, u)
+        return _sorted_search(weights, (jnp.arange(n) + u) / n)
+
+
+class Systematic(AbstractResampling):
+    """One shared uniform for all strata (Carpenter, Clifford & Fearnhead 1999)."""
+
+    def __call__(self, key, log_weights, num_samples=None):
+        m = log_weights.shape[0] if num_samples is None else num_samples
+        u = (jnp.arange(m) + jax.random.uniform(key)) / m
+        return _sorted_search(jnp.exp(normalise(log_weights)), u)
+
+    def _conditional_at_zero(self, key, weights):
+        # O_0(u) = k + 1[u < f] for the shared uniform u: tilt u's law by O_0.
+        n = weights.shape[0]
+        k_bern, k_unif = jax.random.split(key)
+        hit, k, f = _tilted_bernoulli_for_first(k_bern, weights, n)
+        v = jax.random.uniform(k_unif)
+        u = jnp.where(hit, v * f, f + v * (1 - f))
+        return _sorted_search(weights, (jnp.arange(n) + u) / n)
+
+
+class Residual(AbstractResampling):
+    """floor(M W_i) deterministic copies, the rest multinomial on the residuals (Liu & Chen 1998)."""
+
+    def __call__(self, key, log_weights, num_samples=None):
+        m = log_weights.shape[0] if num_samples is None else num_samples
+        weights = jnp.exp(normalise(log_weights))
+        return self._residual(key, weights, m, force_first=False)
+
+    def _residual(self, key, weights, m, force_first):
+        n = weights.shape[0]
+        copies = jnp.floor(m * weights).astype(jnp.int32)
+        n_det = jnp.sum(copies)
+        residual = jnp.clip(m * weights - copies, 0.0, None)
+        # deterministic part: slot j < n_det maps to the particle whose cumulative count exceeds j
+        cum = jnp.cumsum(copies)
+        slots = jnp.arange(m)
+        det = jnp.searchsorted(cum, slots, side="right").astype(jnp.int32)
+        log_r = jnp.log(residual)
+        draws = jax.random.categorical(key, log_r, shape=(m,)).astype(jnp.int32)
+        # a forced residual draw of particle 0 (conditional form) goes to the first random slot
+        draws = jnp.where(force_first & (slots == n_det), 0, draws)
+        a = jnp.where(slots < n_det, jnp.clip(det, 0, n - 1), draws)
+        return jnp.sort(a)
+
+    def _conditional_at_zero(self, key, weights):
+        # O_0 = k + B, B ~ residual count; law tilted by O_0 is the mixture
+        # k/(k + R r_0) · (untilted) + R r_0/(k + R r_0) · (one residual draw forced to 0).
+        n = weights.shape[0]
+        k_mix, k_draw = jax.random.split(key)
+        k = jnp.floor(n * weights[0])
+        r_total = n - jnp.sum(jnp.floor(n * weights))
+        r0 = n * weights[0] - k
+        p_force = r0 / (k + r0)  # R · (r0 / R) = r0
+        p_force = jnp.where(k + r0 > 0, p_force, 1.0)
+        force = jax.random.bernoulli(k_mix, p_force) & (r_total > 0)
+        return self._residual(k_draw, weights, n, force_first=force)
+
+
+_SCHEMES = {
+    "multinomial": Multinomial,
+    "stratified": Stratified,
+    "systematic": Systematic,
+    "residual": Residual,
+}
+
+
+def get_resampling(scheme: str | AbstractResampling) -> AbstractResampling:
+    """Return a resampling strategy from a name or an instance (clear error otherwise)."""
+    if isinstance(scheme, AbstractResampling):
+        return scheme
+    if isinstance(scheme, str) and scheme.lower() in _SCHEMES:
+        return _SCHEMES[scheme.lower()]()
+    raise ValueError(
+        f"unknown resampling scheme {scheme!r}; choose one of {sorted(_SCHEMES)} or pass an "
+        "AbstractResampling instance"
+    )
