@@ -1,0 +1,182 @@
+"""Exact answers for :mod:`models.markov_lm`: enumeration of all complete sequences and a forward
+recursion, in float64 NumPy, independent of the JAX sampling code.
+
+The target over complete sequences w (generated after the prompt) is
+
+    π(w) = P(w | prompt) exp Φ(w) / Z,   Z = Σ_w P(w | prompt) exp Φ(w),
+    Φ(w) = Σ_j φ(w_{j-1}, w_j) + ψ(answer(w)),
+
+where a complete sequence ends with EOS or fills the buffer. With G generated positions and
+V − 1 non-EOS tokens there are Σ_{k<G} (V−1)^k + (V−1)^G of them (5461 for the toy model).
+
+The forward recursion carries α_k(v) = Σ over non-finished prefixes of k generated tokens ending in
+v of P · exp Σφ — the standard forward algorithm for a Markov chain — and collects the mass that
+finishes at each k by answer, giving Z and the posterior of the last-token answer in O(G V²).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, NamedTuple
+
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from models.markov_lm import PAD, LMState, MarkovLMFeynmanKac
+
+__all__ = [
+    "ExactPosterior",
+    "enumerate_sequences",
+    "exact_posterior",
+    "exact_answer_posterior",
+    "forward_answer_posterior",
+    "sequence_index",
+]
+
+
+class ExactPosterior(NamedTuple):
+    """Every complete sequence with its prior, potential and posterior probability (float64).
+
+    Attributes:
+        states: :class:`~models.markov_lm.LMState` with S rows (NumPy arrays), all ``done``.
+        log_prior: log P(w | prompt), sums (in probability) to 1.
+        log_potential: Φ(w).
+        log_evidence: log Z.
+        probs: π(w).
+    """
+
+    states: LMState
+    log_prior: Float[np.ndarray, " S"]
+    log_potential: Float[np.ndarray, " S"]
+    log_evidence: float
+    probs: Float[np.ndarray, " S"]
+
+
+def _parameters(model: MarkovLMFeynmanKac):
+    log_p = np.asarray(model.lm.log_probs, np.float64)
+    phi = np.asarray(model.constraint.log_pair, np.float64)
+    psi = np.asarray(model.constraint.log_final, np.float64)
+    prompt = np.asarray(model.prompt, np.int64)
+    return log_p, phi, psi, prompt
+
+
+def _segment_count(gen: np.ndarray, delim: int, eos: int, cap: int) -> int:
+    steps, count, stop = 0, 0, True
+    for tok in gen:
+        if stop or count == cap:
+            steps, count = steps + 1, 0
+        count += 1
+        stop = tok in (delim, eos)
+    return steps
+
+
+def enumerate_sequences(model: MarkovLMFeynmanKac, max_sequences: int = 200_000) -> LMState:
+    """All complete sequences as an :class:`LMState` of NumPy arrays (prompt included, padded)."""
+    v, eos = model.lm.vocab_size, model.lm.eos_id
+    p, max_length = model.prompt_length, model.max_length
+    g = max_length - p
+    non_eos = [k for k in range(v) if k != eos]
+    count = sum(len(non_eos) ** k for k in range(g)) + len(non_eos) ** g
+    if count > max_sequences:
+        raise ValueError(
+            f"{count} complete sequences exceed max_sequences={max_sequences}: make the vocabulary "
+            "or max_length smaller"
+        )
+    prompt = np.asarray(model.prompt, np.int64)
+    rows, lengths = [], []
+    for k in range(1, g + 1):  # k - 1 non-EOS tokens, then EOS
+        combos = list(itertools.product(non_eos, repeat=k - 1))
+        body = np.array(combos, np.int64).reshape(len(combos), k - 1)
+        rows.append(np.concatenate([body, np.full((len(body), 1), eos)], axis=1))
+        lengths.append(np.full(len(body), p + k))
+    combos = list(itertools.product(non_eos, repeat=g))
+    full = np.array(combos, np.int64).reshape(len(combos), g)
+    rows.append(full)
+    lengths.append(np.full(len(full), max_length))
+    tokens = np.full((count, max_length), PAD, np.int64)
+    tokens[:, :p] = prompt
+    i = 0
+    for r in rows:
+        tokens[i : i + len(r), p : p + r.shape[1]] = r
+        i += len(r)
+    length = np.concatenate(lengths)
+    steps = np.array(
+        [
+            _segment_count(tokens[s, p : length[s]], model.lm.delimiter_id, eos,
+                           model.max_step_tokens)
+            for s in range(count)
+        ]
+    )
+    return LMState(
+        tokens.astype(np.int32),
+        length.astype(np.int32),
+        steps.astype(np.int32),
+        np.ones(count, bool),
+    )
+
+
+def exact_posterior(model: MarkovLMFeynmanKac, max_sequences: int = 200_000) -> ExactPosterior:
+    """Enumerate the complete sequences and return the exact posterior and evidence."""
+    log_p, phi, psi, prompt = _parameters(model)
+    states = enumerate_sequences(model, max_sequences)
+    tokens, length = states.tokens.astype(np.int64), states.length.astype(np.int64)
+    p, eos = model.prompt_length, model.lm.eos_id
+    pos = np.arange(1, model.max_length)
+    mask = (pos[None, :] >= p) & (pos[None, :] < length[:, None])
+    prev, cur = np.clip(tokens[:, :-1], 0, None), np.clip(tokens[:, 1:], 0, None)
+    log_prior = np.where(mask, log_p[prev, cur], 0.0).sum(axis=1)
+    rows = np.arange(len(length))
+    last = tokens[rows, length - 1]
+    answer = np.where(last == eos, tokens[rows, length - 2], last)
+    log_pot = np.where(mask, phi[prev, cur], 0.0).sum(axis=1) + psi[answer]
+    log_joint = log_prior + log_pot
+    m = np.max(log_joint)
+    if not np.isfinite(m):
+        raise ValueError("every complete sequence has zero weight: Z = 0")
+    log_z = float(m + np.log(np.sum(np.exp(log_joint - m))))
+    return ExactPosterior(states, log_prior, log_pot, log_z, np.exp(log_joint - log_z))
+
+
+def exact_answer_posterior(
+    exact: ExactPosterior,
+    answer_fn: Callable[[LMState], Int[Array, " S"]],
+    num_answers: int,
+) -> Float[np.ndarray, " K"]:
+    """π(answer = k), k < ``num_answers``, for an integer answer function of an :class:`LMState`
+    (e.g. ``model.answer`` or ``lambda s: token_count(s, 0, P)``)."""
+    answers = np.asarray(answer_fn(exact.states)).astype(np.int64)
+    if answers.shape != exact.probs.shape:
+        raise ValueError(f"answer_fn must return one integer per sequence, got {answers.shape}")
+    if answers.min() < 0 or answers.max() >= num_answers:
+        raise ValueError(f"answers must lie in [0, {num_answers}), got [{answers.min()}, "
+                         f"{answers.max()}]")
+    return np.bincount(answers, weights=exact.probs, minlength=num_answers)
+
+
+def forward_answer_posterior(model: MarkovLMFeynmanKac) -> tuple[float, Float[np.ndarray, " V"]]:
+    """Forward recursion: (log Z, posterior of the last-token answer [V]), without enumeration."""
+    log_p, phi, psi, prompt = _parameters(model)
+    eos = model.lm.eos_id
+    g = model.max_length - model.prompt_length
+    k_mat = np.exp(log_p + phi)  # one generated token: P[u, v] e^{φ(u, v)}
+    final = np.exp(psi)
+    alpha = np.zeros(len(final))
+    alpha[prompt[-1]] = 1.0
+    mass = np.zeros(len(final))
+    for _ in range(g):
+        mass += alpha * k_mat[:, eos] * final  # EOS now: the answer is the previous token
+        alpha = alpha @ k_mat
+        alpha[eos] = 0.0
+    mass += alpha * final  # buffer full
+    z = mass.sum()
+    if not z > 0:
+        raise ValueError("every complete sequence has zero weight: Z = 0")
+    return float(np.log(z)), mass / z
+
+
+def sequence_index(exact: ExactPosterior, states: LMState) -> Int[np.ndarray, " N"]:
+    """Row of each sequence of ``states`` in ``exact.states`` (matched on tokens; −1 if absent,
+    e.g. an unfinished sequence or one with a wrongly placed EOS)."""
+    table = {row.tobytes(): i for i, row in enumerate(np.asarray(exact.states.tokens, np.int32))}
+    toks = np.asarray(states.tokens, np.int32)
+    return np.array([table.get(row.tobytes(), -1) for row in toks], np.int64)
