@@ -1,0 +1,152 @@
+"""MCMC move strategies for SMC samplers: thin wrappers over blackjax kernels.
+
+A strategy runs ``num_steps`` transitions of a blackjax kernel that leaves a given log-density
+invariant, for one particle, with a step size ε and a covariance estimate Σ of the current
+population (the SMC sampler adapts both between steps, Chopin 2002; Buchholz, Chopin & Jacob 2021):
+
+- :class:`RandomWalk`: Gaussian random-walk Metropolis, proposal z' = z + ε L ξ with Σ = L Lᵀ
+  (``blackjax.additive_step_random_walk``); ε starts at 2.38/√D (Roberts & Rosenthal 2001);
+- :class:`HMC`: Hamiltonian Monte Carlo with inverse mass matrix Σ (``blackjax.hmc``);
+- :class:`NUTS`: the No-U-Turn sampler with inverse mass matrix Σ (``blackjax.nuts``).
+
+Each reports its mean acceptance probability, from which the sampler tunes ε towards
+``target_acceptance``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import blackjax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+__all__ = ["AbstractMCMCKernel", "RandomWalk", "HMC", "NUTS", "get_kernel"]
+
+
+class AbstractMCMCKernel(eqx.Module):
+    """A strategy: ``prepare(ε, Σ)`` once per SMC step (outside the particle ``vmap``), then
+    ``run(key, logdensity_fn, z, prepared, num_steps)`` per particle."""
+
+    @property
+    @abc.abstractmethod
+    def target_acceptance(self) -> float:
+        """Acceptance probability that ε is tuned towards."""
+
+    @abc.abstractmethod
+    def initial_step_size(self, dim: int) -> float:
+        """ε for the first move, for a D-dimensional target preconditioned by Σ."""
+
+    def prepare(self, step_size: Float[Array, ""], cov: Float[Array, "D D"]) -> Any:
+        """Per-step kernel parameters shared by all particles (default: (ε, Σ))."""
+        return step_size, cov
+
+    @abc.abstractmethod
+    def build(self, logdensity_fn: Callable, prepared: Any) -> blackjax.base.SamplingAlgorithm:
+        """The blackjax sampling algorithm for ``logdensity_fn`` with the prepared parameters."""
+
+    def run(
+        self,
+        key: PRNGKeyArray,
+        logdensity_fn: Callable,
+        position: Float[Array, " D"],
+        prepared: Any,
+        num_steps: int,
+    ) -> tuple[Float[Array, " D"], Float[Array, ""]]:
+        """``num_steps`` transitions from ``position``; returns (new position, mean acceptance)."""
+        algo = self.build(logdensity_fn, prepared)
+
+        def body(state, k):
+            state, info = algo.step(k, state)
+            return state, info.acceptance_rate
+
+        state, acc = jax.lax.scan(body, algo.init(position), jax.random.split(key, num_steps))
+        return state.position, jnp.mean(acc)
+
+
+class RandomWalk(AbstractMCMCKernel):
+    """Gaussian random-walk Metropolis with proposal covariance ε² Σ."""
+
+    acceptance: float = 0.3
+
+    @property
+    def target_acceptance(self) -> float:
+        return self.acceptance
+
+    def initial_step_size(self, dim: int) -> float:
+        return 2.38 / dim**0.5
+
+    def prepare(self, step_size, cov):
+        return step_size * jnp.linalg.cholesky(cov)
+
+    def build(self, logdensity_fn, prepared):
+        return blackjax.additive_step_random_walk(
+            logdensity_fn, blackjax.mcmc.random_walk.normal(prepared)
+        )
+
+
+class HMC(AbstractMCMCKernel):
+    """HMC with inverse mass matrix Σ and ``num_integration_steps`` leapfrog steps of size ε."""
+
+    num_integration_steps: int = eqx.field(static=True, default=5)
+    acceptance: float = 0.8
+
+    def __check_init__(self):
+        if not isinstance(self.num_integration_steps, int) or self.num_integration_steps < 1:
+            raise ValueError(
+                f"num_integration_steps must be an int >= 1, got {self.num_integration_steps!r}"
+            )
+
+    @property
+    def target_acceptance(self) -> float:
+        return self.acceptance
+
+    def initial_step_size(self, dim: int) -> float:
+        return 1.0 / dim**0.25
+
+    def build(self, logdensity_fn, prepared):
+        step_size, cov = prepared
+        return blackjax.hmc(logdensity_fn, step_size, cov, self.num_integration_steps)
+
+
+class NUTS(AbstractMCMCKernel):
+    """NUTS with inverse mass matrix Σ and step size ε."""
+
+    max_num_doublings: int = eqx.field(static=True, default=6)
+    acceptance: float = 0.8
+
+    def __check_init__(self):
+        if not isinstance(self.max_num_doublings, int) or self.max_num_doublings < 1:
+            raise ValueError(
+                f"max_num_doublings must be an int >= 1, got {self.max_num_doublings!r}"
+            )
+
+    @property
+    def target_acceptance(self) -> float:
+        return self.acceptance
+
+    def initial_step_size(self, dim: int) -> float:
+        return 1.0 / dim**0.25
+
+    def build(self, logdensity_fn, prepared):
+        step_size, cov = prepared
+        return blackjax.nuts(
+            logdensity_fn, step_size, cov, max_num_doublings=self.max_num_doublings
+        )
+
+
+_KERNELS = {"rwm": RandomWalk, "random_walk": RandomWalk, "hmc": HMC, "nuts": NUTS}
+
+
+def get_kernel(kernel: str | AbstractMCMCKernel) -> AbstractMCMCKernel:
+    """A kernel strategy from its name (``"rwm"``, ``"hmc"``, ``"nuts"``) or instance."""
+    if isinstance(kernel, AbstractMCMCKernel):
+        return kernel
+    if isinstance(kernel, str) and kernel.lower() in _KERNELS:
+        return _KERNELS[kernel.lower()]()
+    raise ValueError(
+        f"unknown MCMC kernel {kernel!r}: use 'rwm', 'hmc', 'nuts' or an AbstractMCMCKernel"
+    )

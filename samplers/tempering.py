@@ -1,0 +1,315 @@
+"""Adaptive tempered SMC (an SMC sampler) as a Feynman-Kac model.
+
+Target path π_λ(z) ∝ π_0(z) L(z)^λ from the prior (λ = 0) to the posterior (λ = 1). With
+λ_{-1} = 0 and particles z ~ π_0 at step 0, step t of the engine is
+
+    move:       z_t ~ K_{λ_{t-1}}(z_{t-1}, ·), a few MCMC steps leaving π_{λ_{t-1}} invariant
+                (none at t = 0);
+    adapt:      λ_t chosen from the weighted population so that the conditional ESS
+                CESS(λ_t) = N (Σ_i W_i g_i)² / Σ_i W_i g_i², g_i = L(z_t^i)^{λ_t − λ_{t-1}},
+                equals ρ N (Zhou, Johansen & Aston 2016), or λ_t = 1 when even CESS(1) ≥ ρ N;
+                also the kernel's covariance Σ (weighted particle covariance under π_{λ_t}) and
+                step size ε (nudged towards the kernel's target acceptance);
+    potential:  log G_t(z_t) = (λ_t − λ_{t-1}) log L(z_t);
+
+until λ reaches 1 (``done``). Then Π_t G_t's product over the path telescopes and
+Ẑ = Π_t (1/N Σ_i G_t(z_t^i)) estimates Z = ∫ π_0 L (Del Moral, Doucet & Jasra 2006). With
+``ess_threshold=1`` the engine resamples every step, so W_i = 1/N and CESS is the ESS of the
+incremental weights (``criterion="ess"`` uses ESS(W g) for any W). Choosing λ_t and Σ from the
+particles makes Ẑ slightly biased, with a bias of order 1/N (Beskos, Jasra, Kantas & Thiery 2016).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from ppl.feynman_kac import AbstractFeynmanKac
+from ppl.numpyro_model import NumpyroModel, from_numpyro
+from samplers.mcmc_kernels import AbstractMCMCKernel, get_kernel
+from samplers.resampling import AbstractResampling, log_ess, normalise
+from samplers.smc import SMCResult, smc
+
+__all__ = ["TemperedParticles", "AdaptiveTempering", "TemperedSMCResult", "tempered_smc"]
+
+
+class TemperedParticles(NamedTuple):
+    """Particles of the tempering model: unconstrained positions, their log-likelihood (cached)
+    and each particle's mean acceptance probability in its last move (NaN before any move)."""
+
+    z: Float[Array, "N D"]
+    log_likelihood: Float[Array, " N"]
+    acceptance: Float[Array, " N"]
+
+
+def _densities(target, z):
+    if hasattr(target, "log_densities"):
+        return target.log_densities(z)
+    return target.log_prior(z), target.log_likelihood(z)
+
+
+class AdaptiveTempering(AbstractFeynmanKac):
+    """Adaptive tempering from π_0 to π_0 L (see the module docstring).
+
+    Args:
+        target: a :class:`~ppl.numpyro_model.NumpyroModel`, or any module with ``dim``,
+            ``log_prior(z)``, ``log_likelihood(z)`` and ``sample_prior(key, n)`` on R^D.
+        kernel: the MCMC move, ``"rwm"`` (default), ``"hmc"``, ``"nuts"`` or an
+            :class:`~samplers.mcmc_kernels.AbstractMCMCKernel`.
+        num_mcmc_steps: MCMC transitions per SMC step.
+        target_ess: ρ ∈ (0, 1), the (conditional) ESS fraction kept at each step.
+        criterion: ``"cess"`` (conditional ESS, default) or ``"ess"`` (ESS of W·g).
+        bisection_steps: bisection iterations for λ_t.
+
+    Array leaves (changed by ``adapt``): ``lam`` (λ of the current step), ``lam_prev``, the next
+    move's ``step_size`` and ``cov``, and ``acceptance`` (mean acceptance of this step's move).
+    ``info()`` records ``{"lam", "acceptance", "step_size"}`` per step.
+    Run with ``smc(key, model, N, ess_threshold=1.0, max_steps=cap)``.
+    """
+
+    target: Any
+    kernel: AbstractMCMCKernel
+    lam: Float[Array, ""]
+    lam_prev: Float[Array, ""]
+    step_size: Float[Array, ""]
+    cov: Float[Array, "D D"]
+    acceptance: Float[Array, ""]
+    num_mcmc_steps: int = eqx.field(static=True)
+    target_ess: float = eqx.field(static=True)
+    criterion: str = eqx.field(static=True)
+    bisection_steps: int = eqx.field(static=True)
+
+    is_adaptive: ClassVar[bool] = True
+    num_steps: ClassVar[None] = None
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        kernel: str | AbstractMCMCKernel = "rwm",
+        num_mcmc_steps: int = 5,
+        target_ess: float = 0.5,
+        criterion: str = "cess",
+        bisection_steps: int = 40,
+    ):
+        for attr in ("dim", "log_prior", "log_likelihood", "sample_prior"):
+            if not hasattr(target, attr):
+                raise TypeError(
+                    f"target must provide `{attr}` (e.g. a ppl.numpyro_model.NumpyroModel from "
+                    f"from_numpyro), got {type(target).__name__}"
+                )
+        if (
+            not isinstance(num_mcmc_steps, int)
+            or isinstance(num_mcmc_steps, bool)
+            or num_mcmc_steps < 1
+        ):
+            raise ValueError(f"num_mcmc_steps must be an int >= 1, got {num_mcmc_steps!r}")
+        if not isinstance(target_ess, (int, float)) or not 0.0 < float(target_ess) < 1.0:
+            raise ValueError(f"target_ess must be a fraction in (0, 1), got {target_ess!r}")
+        if criterion not in ("cess", "ess"):
+            raise ValueError(f"criterion must be 'cess' or 'ess', got {criterion!r}")
+        if not isinstance(bisection_steps, int) or bisection_steps < 1:
+            raise ValueError(f"bisection_steps must be an int >= 1, got {bisection_steps!r}")
+        dim = int(target.dim)
+        self.target = target
+        self.kernel = get_kernel(kernel)
+        dtype = jnp.zeros(()).dtype
+        self.lam = jnp.zeros((), dtype)
+        self.lam_prev = jnp.zeros((), dtype)
+        self.step_size = jnp.asarray(self.kernel.initial_step_size(dim), dtype)
+        self.cov = jnp.eye(dim, dtype=dtype)
+        self.acceptance = jnp.full((), jnp.nan, dtype)
+        self.num_mcmc_steps = num_mcmc_steps
+        self.target_ess = float(target_ess)
+        self.criterion = criterion
+        self.bisection_steps = bisection_steps
+
+    # ---- Feynman-Kac protocol -----------------------------------------------------------------
+    def init(self, key: PRNGKeyArray, num_particles: int) -> TemperedParticles:
+        z = self.target.sample_prior(key, num_particles)
+        ll = jax.vmap(lambda x: _densities(self.target, x)[1])(z)
+        return TemperedParticles(z, ll, jnp.full((num_particles,), jnp.nan, ll.dtype))
+
+    def tempered_log_density(self, lam: Float[Array, ""]) -> Callable:
+        """z ↦ log π_0(z) + λ log L(z) (the λ = 0 case ignores L, even where it is −inf)."""
+
+        def logdensity(z):
+            lp, ll = _densities(self.target, z)
+            return lp + jnp.where(lam > 0, lam * ll, 0.0)
+
+        return logdensity
+
+    def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: TemperedParticles):
+        logdensity = self.tempered_log_density(self.lam)  # λ_{t-1}: adapt has not run yet
+        prepared = self.kernel.prepare(self.step_size, self.cov)
+        n = particles.z.shape[0]
+        z, acc = jax.vmap(
+            lambda k, x: self.kernel.run(k, logdensity, x, prepared, self.num_mcmc_steps)
+        )(jax.random.split(key, n), particles.z)
+        ll = jax.vmap(lambda x: _densities(self.target, x)[1])(z)
+        return TemperedParticles(z, ll, acc)
+
+    def log_potential(self, t, previous, particles: TemperedParticles) -> Float[Array, " N"]:
+        delta = self.lam - self.lam_prev
+        return jnp.where(delta > 0, delta * particles.log_likelihood, 0.0)
+
+    def done(self, particles: TemperedParticles) -> Bool[Array, " N"]:
+        return jnp.broadcast_to(self.lam >= 1.0, particles.log_likelihood.shape)
+
+    def info(self) -> PyTree:
+        return {"lam": self.lam, "acceptance": self.acceptance, "step_size": self.step_size}
+
+    # ---- adaptation ---------------------------------------------------------------------------
+    def _log_criterion(self, delta, log_w, ll):
+        """log of CESS/N (or ESS/N) of the increments L^delta under normalised weights log_w."""
+        lg = jnp.where(delta > 0, delta * ll, 0.0)
+        if self.criterion == "cess":
+            return 2 * jax.nn.logsumexp(log_w + lg) - jax.nn.logsumexp(log_w + 2 * lg)
+        return log_ess(log_w + lg) - math.log(log_w.shape[0])
+
+    def next_lambda(
+        self, log_weights: Float[Array, " N"], log_likelihood: Float[Array, " N"]
+    ) -> Float[Array, ""]:
+        """λ_t: the largest λ ≤ 1 with criterion(λ − λ_{t-1}) ≥ ρ, by bisection (the criterion
+        decreases in the increment, since tilted means of log L increase with the tilt)."""
+        ll = jnp.where(jnp.isnan(log_likelihood), -jnp.inf, log_likelihood)
+        log_w = normalise(log_weights)
+        lam_prev = self.lam
+        remaining = 1.0 - lam_prev
+        log_rho = math.log(self.target_ess)
+
+        def ok(delta):
+            c = self._log_criterion(delta, log_w, ll)
+            return jnp.isfinite(c) & (c >= log_rho)
+
+        def body(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            good = ok(mid)
+            return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(
+            0, self.bisection_steps, body, (jnp.zeros_like(remaining), remaining)
+        )
+        inner = jnp.minimum(lam_prev + 0.5 * (lo + hi), 1.0)
+        return jnp.where(ok(remaining), jnp.ones_like(lam_prev), inner)
+
+    def adapt(self, t, particles: TemperedParticles, log_weights) -> "AdaptiveTempering":
+        lam = self.next_lambda(log_weights, particles.log_likelihood)
+        ll = jnp.where(jnp.isnan(particles.log_likelihood), -jnp.inf, particles.log_likelihood)
+        delta = lam - self.lam
+        w = jnp.exp(normalise(log_weights + jnp.where(delta > 0, delta * ll, 0.0)))
+        z = particles.z
+        mean = w @ z
+        zc = z - mean
+        cov = (w[:, None] * zc).T @ zc
+        cov = 0.5 * (cov + cov.T)
+        d = z.shape[1]
+        jitter = 1e-6 * (jnp.trace(cov) / d) + 1e-12
+        cov = cov + jitter * jnp.eye(d, dtype=cov.dtype)
+        cov = jnp.where(jnp.all(jnp.isfinite(cov)) & (jnp.trace(cov) > 0), cov, self.cov)
+        acc = jnp.mean(particles.acceptance)
+        step = jnp.where(
+            jnp.isfinite(acc),
+            self.step_size * jnp.exp(acc - self.kernel.target_acceptance),
+            self.step_size,
+        )
+        return eqx.tree_at(
+            lambda m: (m.lam, m.lam_prev, m.step_size, m.cov, m.acceptance),
+            self,
+            (lam, self.lam, step.astype(self.step_size.dtype), cov, acc),
+        )
+
+
+class TemperedSMCResult(NamedTuple):
+    """Output of :func:`tempered_smc` (per-step arrays have length ``max_steps``, NaN past
+    ``num_steps``).
+
+    Attributes:
+        samples: constrained posterior draws (latent and deterministic sites), leading axis N,
+            weighted by ``exp(log_weights)``.
+        log_weights: normalised final log-weights.
+        log_evidence: log Ẑ, estimate of log p(y).
+        lambdas: the tempering schedule λ_0 < λ_1 < ... < λ_{T-1} = 1.
+        ess: ESS after weighting at each step.
+        acceptance_rate: mean MCMC acceptance of each step's move (NaN at step 0).
+        num_steps: T, number of SMC steps run.
+        reached_max_steps: λ did not reach 1 within ``max_steps`` (failure flag).
+        extinct: every particle had zero weight at some step (failure flag).
+        num_nan_potentials: NaN log-likelihoods seen (treated as −inf).
+        particles: final unconstrained particles z, shape [N, D].
+        smc: the engine's :class:`~samplers.smc.SMCResult`.
+    """
+
+    samples: dict
+    log_weights: Float[Array, " N"]
+    log_evidence: Float[Array, ""]
+    lambdas: Float[Array, " T"]
+    ess: Float[Array, " T"]
+    acceptance_rate: Float[Array, " T"]
+    num_steps: Int[Array, ""]
+    reached_max_steps: Bool[Array, ""]
+    extinct: Bool[Array, ""]
+    num_nan_potentials: Int[Array, ""]
+    particles: Float[Array, "N D"]
+    smc: SMCResult
+
+
+def tempered_smc(
+    key: PRNGKeyArray,
+    numpyro_model: Callable | NumpyroModel,
+    *model_args: Any,
+    num_particles: int = 256,
+    target_ess: float = 0.5,
+    kernel: str | AbstractMCMCKernel = "rwm",
+    num_mcmc_steps: int = 5,
+    max_steps: int = 100,
+    resampling: str | AbstractResampling = "systematic",
+    criterion: str = "cess",
+    **model_kwargs: Any,
+) -> TemperedSMCResult:
+    """Adaptive tempered SMC on a numpyro model: posterior samples and log evidence.
+
+    ``numpyro_model(*model_args, **model_kwargs)`` is the model (or pass a prebuilt
+    :class:`~ppl.numpyro_model.NumpyroModel` and no model arguments). Resamples every step
+    (``ess_threshold=1``). Can be ``vmap``-ed over ``key`` for independent runs.
+    """
+    if isinstance(numpyro_model, NumpyroModel):
+        if model_args or model_kwargs:
+            raise ValueError("model arguments are already bound in a NumpyroModel; pass none")
+        target = numpyro_model
+    else:
+        target = from_numpyro(numpyro_model, *model_args, **model_kwargs)
+    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 2:
+        raise ValueError(f"num_particles must be an int >= 2, got {num_particles!r}")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    fk = AdaptiveTempering(
+        target,
+        kernel=kernel,
+        num_mcmc_steps=num_mcmc_steps,
+        target_ess=target_ess,
+        criterion=criterion,
+    )
+    res = smc(key, fk, num_particles, resampling=resampling, ess_threshold=1.0, max_steps=max_steps)
+    past = jnp.arange(max_steps) >= res.num_steps
+    info = res.model_info
+    return TemperedSMCResult(
+        samples=target.constrain(res.particles.z),
+        log_weights=res.log_weights,
+        log_evidence=res.log_evidence,
+        lambdas=jnp.where(past, jnp.nan, info["lam"]),
+        ess=jnp.where(past, jnp.nan, res.ess),
+        acceptance_rate=jnp.where(past, jnp.nan, info["acceptance"]),
+        num_steps=res.num_steps,
+        reached_max_steps=res.reached_max_steps,
+        extinct=res.extinct,
+        num_nan_potentials=res.num_nan_potentials,
+        particles=res.particles.z,
+        smc=res,
+    )

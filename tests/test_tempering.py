@@ -1,0 +1,251 @@
+"""Adaptive tempered SMC on a numpyro model against a conjugate model's exact answers.
+
+Model (models.conjugate): μ ~ N(m_0, S_0) in R², y_i ~ N(μ, Σ), n = 20; exact log p(y) and posterior.
+Checks over R independent runs (vmapped, one compiled call shared by the module), each a z-test at
+|z| ≤ 4 with the standard error estimated from the spread over runs:
+
+- evidence: mean of Ẑ/Z = 1 (Ẑ unbiased up to the O(1/N) bias of adaptation);
+- posterior mean of each coordinate: mean over runs of Σ_i W_i μ_i = m_n;
+- posterior variance of each coordinate: mean over runs of Σ_i W_i (μ_i − μ̄_W)² equals
+  σ² (1 − Σ_i W_i²) (its expectation for weighted samples), σ² = (S_n)_jj.
+
+The same checks must reject a broken algorithm: the MCMC move leaves π_{λ}^{1/2} instead of π_λ
+invariant (a random walk whose Metropolis ratio uses half the log-density). That kernel differs from
+the correct one only in an array leaf, so both run in the same compiled call.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from jaxtyping import Array
+from scipy import stats
+
+from models.conjugate import ConjugateGaussianMean, gaussian_mean_model
+from ppl.numpyro_model import from_numpyro
+from samplers.mcmc_kernels import HMC, NUTS, RandomWalk, get_kernel
+from samplers.tempering import AdaptiveTempering, tempered_smc
+
+N = 256  # particles
+R = 64  # independent runs per configuration
+NUM_OBS = 20
+MCMC_STEPS = 5
+MAX_STEPS = 24
+TARGET_ESS = 0.5
+Z_CRIT = 4.0
+# Compile the big vmapped call without LLVM optimisation: ~3x faster to compile on CPU, a little
+# slower to run (all that matters for a test).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+class PoweredRandomWalk(RandomWalk):
+    """Random-walk Metropolis for π^power: power = 1 is the correct kernel, power ≠ 1 is broken."""
+
+    power: Array = eqx.field(default_factory=lambda: jnp.ones(()))
+
+    def run(self, key, logdensity_fn, position, prepared, num_steps):
+        return super().run(
+            key, lambda z: self.power * logdensity_fn(z), position, prepared, num_steps
+        )
+
+
+@pytest.fixture(scope="module")
+def problem():
+    cm = ConjugateGaussianMean(
+        prior_mean=jnp.asarray([0.5, -0.3]),
+        prior_cov=jnp.asarray([[2.0, 0.3], [0.3, 1.0]]),
+        noise_cov=jnp.asarray([[1.0, 0.5], [0.5, 1.5]]),
+    )
+    # one compiled call instead of many eager ops (slow on a loaded CPU)
+    y, mean, cov, log_z = jax.jit(
+        lambda k: (y := cm.simulate(k, NUM_OBS)[1], *cm.posterior(y), cm.log_evidence(y))
+    )(jax.random.PRNGKey(0))
+    return {
+        "cm": cm,
+        "y": y,
+        "log_z": float(log_z),
+        "mean": np.asarray(mean),
+        "var": np.asarray(jnp.diag(cov)),
+        "target": from_numpyro(gaussian_mean_model, *cm.model_args(y)),
+    }
+
+
+def _run_many(target, kernel_of, params, num_runs, seed, **kw):
+    """R runs for each entry of ``params`` (a leaf of the kernel), one compiled call; numpy out."""
+
+    def one(key, p):
+        return tempered_smc(
+            key, target, num_particles=N, target_ess=TARGET_ESS, kernel=kernel_of(p),
+            num_mcmc_steps=MCMC_STEPS, max_steps=MAX_STEPS, **kw,
+        )
+
+    fn = jax.vmap(jax.vmap(one, (0, None)), (None, 0))
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
+    compiled = jax.jit(fn).lower(keys, params).compile(FAST_COMPILE)
+    return jax.tree.map(np.asarray, compiled(keys, params))
+
+
+def _select(res, i):
+    return jax.tree.map(lambda x: x[i], res)
+
+
+@pytest.fixture(scope="module")
+def runs(problem):
+    """Row 0: correct random walk; row 1: broken (invariant for π^{1/2})."""
+    return _run_many(
+        problem["target"], lambda p: PoweredRandomWalk(power=p), jnp.asarray([1.0, 0.5]), R, 1
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the statistical checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _z(values, expected):
+    """z-score of the mean of independent values against ``expected`` (inf if no spread)."""
+    values = np.asarray(values, np.float64)
+    se = values.std(0, ddof=1) / np.sqrt(values.shape[0])
+    diff = values.mean(0) - expected
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, diff / se, np.where(diff == 0, 0.0, np.inf))
+    return np.where(np.isfinite(values).all(0), z, np.inf)
+
+
+def zscores(res, problem) -> dict:
+    ratio = np.exp(res.log_evidence.astype(np.float64) - problem["log_z"])
+    w = np.exp(res.log_weights.astype(np.float64))  # [R, N]
+    x = res.samples["mu"].astype(np.float64)  # [R, N, d]
+    mean_w = np.einsum("rn,rnd->rd", w, x)
+    var_w = np.einsum("rn,rnd->rd", w, (x - mean_w[:, None]) ** 2)
+    sum_w2 = (w**2).sum(1)
+    return {
+        "evidence": _z(ratio, 1.0),
+        "mean": _z(mean_w, problem["mean"]),
+        # E[Σ W (x − x̄_W)²] = σ² (1 − Σ W²): compare each run to its own expectation
+        "var": _z(var_w - problem["var"] * (1 - sum_w2)[:, None], 0.0),
+    }
+
+
+def passes(z: dict) -> bool:
+    return all(np.all(np.abs(v) <= Z_CRIT) for v in z.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# exact references
+# ---------------------------------------------------------------------------------------------
+
+
+def test_conjugate_references(problem):
+    cm, y = problem["cm"], np.asarray(problem["y"], np.float64)
+    n, d = y.shape
+    # evidence: the stacked data are Gaussian, mean 1⊗m_0, covariance 11ᵀ⊗S_0 + I⊗Σ
+    m0, s0, sig = (np.asarray(a, np.float64) for a in (cm.prior_mean, cm.prior_cov, cm.noise_cov))
+    big_cov = np.kron(np.ones((n, n)), s0) + np.kron(np.eye(n), sig)
+    direct = stats.multivariate_normal(np.tile(m0, n), big_cov).logpdf(y.reshape(-1))
+    np.testing.assert_allclose(problem["log_z"], direct, rtol=1e-5)
+    # posterior: log p(μ | y) = log p(μ) + log p(y | μ) − log p(y) at several μ
+    mean, cov = cm.posterior(problem["y"])
+    for mu in np.random.default_rng(0).normal(size=(3, d)):
+        bayes = (
+            stats.multivariate_normal(m0, s0).logpdf(mu)
+            + stats.multivariate_normal(mu, sig).logpdf(y).sum()
+            - direct
+        )
+        post = stats.multivariate_normal(np.asarray(mean), np.asarray(cov)).logpdf(mu)
+        np.testing.assert_allclose(post, bayes, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        cm.log_evidence(jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match="shape"):
+        ConjugateGaussianMean(jnp.zeros(2), jnp.eye(3), jnp.eye(2))
+    with pytest.raises(ValueError, match="num_obs"):
+        cm.simulate(jax.random.PRNGKey(0), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# tempered SMC
+# ---------------------------------------------------------------------------------------------
+
+
+def test_evidence_and_posterior_match_exact(runs, problem):
+    good = _select(runs, 0)
+    assert not good.reached_max_steps.any() and not good.extinct.any()
+    assert (good.num_nan_potentials == 0).all()
+    z = zscores(good, problem)
+    print("correct kernel z-scores:", z)
+    assert passes(z), z
+
+
+def test_broken_kernel_is_rejected(runs, problem):
+    bad = _select(runs, 1)
+    z = zscores(bad, problem)
+    print("broken kernel z-scores:", z)
+    assert not passes(z), z
+    assert abs(z["evidence"]) > Z_CRIT, z  # the evidence check alone rejects it
+
+
+def test_schedule(runs):
+    good = _select(runs, 0)
+    for r in range(R):
+        t = int(good.num_steps[r])
+        lam = good.lambdas[r]
+        assert 2 <= t < MAX_STEPS
+        assert np.all(np.diff(lam[:t]) > 0) and lam[0] > 0
+        assert lam[t - 1] == 1.0 and np.all(lam[: t - 1] < 1.0)
+        assert np.all(np.isnan(lam[t:]))
+        # λ_t solves CESS = ρN by bisection at every step but the last (adapt at t = 0 included)
+        np.testing.assert_allclose(good.ess[r, : t - 1], TARGET_ESS * N, rtol=1e-2)
+        assert good.ess[r, t - 1] >= TARGET_ESS * N * (1 - 1e-2)
+        acc = good.acceptance_rate[r]
+        assert np.isnan(acc[0]) and np.all((acc[1:t] > 0.05) & (acc[1:t] < 0.95))
+    assert good.samples["mu"].shape == (R, N, 2)
+    assert good.particles.shape == (R, N, 2)
+
+
+@pytest.mark.slow
+def test_hmc_kernel(problem):
+    """HMC moves (preconditioned by the particle covariance), same checks, fewer runs."""
+    res = _run_many(problem["target"], lambda p: HMC(num_integration_steps=3), jnp.zeros(1), 32, 2)
+    res = _select(res, 0)
+    assert not res.reached_max_steps.any()
+    z = zscores(res, problem)
+    print("HMC z-scores:", z, "steps", res.num_steps, "acceptance", np.nanmean(res.acceptance_rate))
+    assert passes(z), z
+
+
+def test_bad_inputs(problem):
+    args = problem["cm"].model_args(problem["y"])
+    target = problem["target"]
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="target_ess"):
+        tempered_smc(key, target, target_ess=1.0)
+    with pytest.raises(ValueError, match="target_ess"):
+        tempered_smc(key, target, target_ess=0.0)
+    with pytest.raises(ValueError, match="unknown MCMC kernel"):
+        tempered_smc(key, target, kernel="gibbs")
+    with pytest.raises(ValueError, match="num_mcmc_steps"):
+        tempered_smc(key, target, num_mcmc_steps=0)
+    with pytest.raises(ValueError, match="num_particles"):
+        tempered_smc(key, target, num_particles=1)
+    with pytest.raises(ValueError, match="max_steps"):
+        tempered_smc(key, target, max_steps=0)
+    with pytest.raises(ValueError, match="criterion"):
+        tempered_smc(key, target, criterion="kl")
+    with pytest.raises(ValueError, match="already bound"):
+        tempered_smc(key, target, *args)
+    with pytest.raises(ValueError, match="num_integration_steps"):
+        HMC(num_integration_steps=0)
+    with pytest.raises(TypeError, match="must provide"):
+        AdaptiveTempering(object())
+
+    def prior_only():
+        numpyro.sample("mu", dist.Normal())
+
+    with pytest.raises(ValueError, match="no observed sites"):
+        tempered_smc(key, prior_only)
+    assert isinstance(get_kernel("nuts"), NUTS) and isinstance(get_kernel("RWM"), RandomWalk)
