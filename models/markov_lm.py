@@ -18,6 +18,10 @@ forward recursion (:mod:`models.markov_lm_exact`). φ expresses per-token reward
 (φ[:, k] = λ rewards exp(λ · count of k)) and hard constraints (φ[k, k] = −inf: "no k twice in a
 row"); ψ is a reward on the answer, the last non-EOS token (a verifier on the final answer).
 
+For the search baselines (:mod:`samplers.search`) the model also supplies ``score`` (the
+log-potential so far), ``answer``, ``num_tokens`` and, for single-token steps, ``expand_all``
+(every next token, for deterministic beam search).
+
 A particle mirrors the LLM state-space model: :class:`LMState` = token buffer [N, L] (prompt, then
 generated tokens, then ``PAD``), length, number of steps taken, done flag. Finished particles are
 absorbing: they are not moved and get potential 0. Since a particle holds its whole prefix, the
@@ -399,6 +403,46 @@ class MarkovLMFeynmanKac(AbstractFeynmanKac):
     def answer(self, states: LMState) -> Int[Array, " N"]:
         """:func:`last_token_answer`."""
         return last_token_answer(states, self.eos_id)
+
+    # --- search interface (samplers.search) -----------------------------------------------------
+    def score(self, states: LMState) -> Float[Array, " N"]:
+        """Reward of a (partial) sequence for search: its log-potential so far, Σ_{t ≤ now} log G_t
+        (:func:`total_log_potential`; Φ(w) for a complete sequence without proposal)."""
+        return total_log_potential(self, states)
+
+    def num_tokens(self, states: LMState) -> Int[Array, " N"]:
+        """Generated tokens (prompt excluded)."""
+        return (jnp.asarray(states.length) - self.prompt_length).astype(jnp.int32)
+
+    @property
+    def num_children(self) -> int:
+        """Next steps of a sequence for :meth:`expand_all`: V (single-token steps only)."""
+        if self.max_step_tokens != 1:
+            raise ValueError(
+                f"expand_all enumerates single-token steps only (max_step_tokens = 1), this model "
+                f"has max_step_tokens = {self.max_step_tokens}"
+            )
+        return self.lm.vocab_size
+
+    def expand_all(self, states: LMState) -> tuple[LMState, Float[Array, "N V"]]:
+        """Every next step of every sequence, for single-token steps: child ``i * V + v`` appends
+        token v to sequence i (it finishes on EOS or a full buffer); ``log_probs[i, v]`` is its
+        log-probability under the move chain. Children of finished sequences are meaningless
+        (callers keep the finished sequence instead)."""
+        v = self.num_children
+        tokens, length, num_steps, done = states
+        n = tokens.shape[0]
+        parent = jnp.repeat(jnp.arange(n), v)
+        tok = jnp.tile(jnp.arange(v, dtype=tokens.dtype), n)
+        p_tokens, p_length = tokens[parent], length[parent]
+        pos = jnp.arange(self.max_length)
+        at = (pos[None, :] == p_length[:, None]) & (p_length[:, None] < self.max_length)
+        c_tokens = jnp.where(at, tok[:, None], p_tokens)
+        c_length = jnp.minimum(p_length + 1, self.max_length)
+        c_done = (tok == self.eos_id) | (c_length >= self.max_length)
+        children = LMState(c_tokens, c_length, num_steps[parent] + 1, c_done)
+        last = jnp.clip(_token_at(tokens, length - 1), 0)
+        return children, self.move_lm.log_probs[last]
 
     # --- Feynman-Kac protocol -------------------------------------------------------------------
     def init(self, key: PRNGKeyArray, num_particles: int) -> LMState:
