@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl.feynman_kac import AbstractFeynmanKac
-from samplers.resampling import AbstractResampling, get_resampling, log_ess, normalise
+from samplers.resampling import AbstractResampling, get_resampling, normalise
 
 __all__ = ["smc", "SMCResult", "SMCHistory"]
 
@@ -115,14 +115,24 @@ def _sanitise(log_g):
 
 
 def _reweight(log_w_prev, log_g):
-    """Return normalised log W_t, log-evidence increment and an extinction flag."""
+    """Return normalised log W_t, log-evidence increment, an extinction flag and ESS(W_t).
+
+    One max and one exp pass serve both: with e_i = exp(u_i − max u), the increment is
+    log Σ e + max u (the same operations as ``jax.nn.logsumexp``) and ESS = (Σ e)² / Σ e²
+    (Kong 1992); a dead population is reset to uniform weights, ESS = N.
+    """
     unnorm = log_w_prev + log_g
-    inc = jax.nn.logsumexp(unnorm)
+    m = jnp.max(unnorm)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+    e = jnp.exp(unnorm - m)
+    sum_e = jnp.sum(e)
+    inc = jnp.log(sum_e) + m
     dead = ~jnp.isfinite(inc)
     n = log_w_prev.shape[0]
     log_w = jnp.where(dead, -jnp.log(n) * jnp.ones_like(unnorm), unnorm - jnp.where(dead, 0.0, inc))
     inc = jnp.where(jnp.isnan(inc) | (inc == jnp.inf), -jnp.inf, inc)
-    return log_w, inc, dead
+    ess = jnp.where(dead, jnp.asarray(n, sum_e.dtype), sum_e * sum_e / jnp.sum(e * e))
+    return log_w, inc, dead, ess
 
 
 def _validate(model, num_particles, ess_threshold, num_steps, max_steps, resample_schedule):
@@ -181,8 +191,14 @@ def smc(
     Returns:
         :class:`SMCResult`.
     """
-    horizon = getattr(model, "num_steps", None) if num_steps is None else num_steps
+    model_horizon = getattr(model, "num_steps", None)
+    horizon = model_horizon if num_steps is None else num_steps
     _validate(model, num_particles, ess_threshold, horizon, max_steps, resample_schedule)
+    if num_steps is not None and model_horizon is not None and num_steps > model_horizon:
+        raise ValueError(
+            f"num_steps={num_steps} exceeds the model's horizon of {model_horizon} steps (e.g. its "
+            "number of observations); indexing past it would silently reuse the last step"
+        )
     if horizon is None and max_steps is None:
         raise ValueError(
             "the model has no fixed horizon (num_steps is None): pass max_steps to cap the "
@@ -252,10 +268,10 @@ def _smc_jit(
     if model.is_adaptive:
         model = model.adapt(t0, particles, jnp.full((n,), -log_n))
     log_g, nan_count = _sanitise(_check_potential(model.log_potential(t0, None, particles), n, "t=0"))
-    log_w, inc0, dead = _reweight(jnp.full((n,), -log_n), log_g)
+    log_w, inc0, dead, ess0 = _reweight(jnp.full((n,), -log_n), log_g)
 
     info0 = model.info()
-    ess_buf = jnp.full((length,), jnp.nan).at[0].set(jnp.exp(log_ess(log_w)))
+    ess_buf = jnp.full((length,), jnp.nan).at[0].set(ess0)
     res_buf = jnp.zeros((length,), bool)
     inc_buf = jnp.zeros((length,)).at[0].set(inc0)
     info_buf = jax.tree.map(lambda x: jnp.zeros((length,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x), info0)
@@ -280,8 +296,8 @@ def _smc_jit(
         mdl = eqx.combine(cm, static_model) if model.is_adaptive else model
         k, k_res, k_move, k_as = jax.random.split(k, 4)
 
-        # 1. resampling
-        flag = jnp.exp(log_ess(log_w)) < ess_threshold * n
+        # 1. resampling (ess_buf[t-1] is the ESS of the current weights, computed last step)
+        flag = ess_buf[t - 1] < ess_threshold * n
         if ess_threshold >= 1.0:
             flag = jnp.asarray(True)
         if resample_schedule is not None:
@@ -301,26 +317,29 @@ def _smc_jit(
                 lambda: resampling.conditional(k_res, sg_log_w, pin),
                 lambda: jnp.arange(n, dtype=jnp.int32).at[0].set(pin),
             )
-        else:
-            ancestors = jax.lax.cond(
-                flag,
-                lambda: resampling(k_res, sg_log_w, n),
-                lambda: jnp.arange(n, dtype=jnp.int32),
-            )
-        if conditional:
             # slot 0 may switch ancestor without resampling (ancestor sampling): always gather
             previous = _gather(particles, ancestors)
+            # After resampling W = 1/N in value; the ancestor's log-weight is kept as a zero-valued
+            # term log W_a − sg(log W_a) so that gradients see the weights' dependence on θ
+            # (Ścibior & Wood 2021), giving a consistent score estimate (Poyiadjis et al. 2011).
+            log_w_anc = jnp.take(log_w, ancestors)
+            log_w = jnp.where(flag, -log_n + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
+            if ancestor_sampling:
+                # without resampling, slot 0 keeps the weight of its (re-drawn) ancestor
+                log_w = jnp.where(flag, log_w, log_w.at[0].set(log_w[pin]))
+                log_w = normalise(log_w)
         else:
-            previous = jax.lax.cond(flag, lambda p: _gather(p, ancestors), lambda p: p, particles)
-        # After resampling W = 1/N in value; the ancestor's log-weight is kept as a zero-valued
-        # term log W_a − sg(log W_a) so that gradients see the weights' dependence on θ
-        # (Ścibior & Wood 2021), giving a consistent score estimate (Poyiadjis et al. 2011).
-        log_w_anc = jnp.take(log_w, ancestors)
-        log_w = jnp.where(flag, -log_n + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
-        if conditional and ancestor_sampling:
-            # without resampling, slot 0 keeps the weight of its (re-drawn) ancestor
-            log_w = jnp.where(flag, log_w, log_w.at[0].set(log_w[pin]))
-            log_w = normalise(log_w)
+            # One branch runs: the gathers of particles and weights only happen when resampling.
+            def resample(p, lw):
+                a = resampling(k_res, sg_log_w, n)
+                lw_a = jnp.take(lw, a)
+                # W = 1/N in value, with the zero-valued term log W_a − sg(log W_a) (see above)
+                return a, _gather(p, a), -log_n + lw_a - jax.lax.stop_gradient(lw_a)
+
+            def keep(p, lw):
+                return jnp.arange(n, dtype=jnp.int32), p, lw
+
+            ancestors, previous, log_w = jax.lax.cond(flag, resample, keep, particles, log_w)
 
         # 2. move (finished particles stay)
         moved = mdl.move(k_move, t, previous)
@@ -337,9 +356,9 @@ def _smc_jit(
         if done is not None:
             log_g = jnp.where(done, 0.0, log_g)
         log_g, nans = _sanitise(log_g)
-        log_w, inc, dead = _reweight(log_w, log_g)
+        log_w, inc, dead, ess = _reweight(log_w, log_g)
 
-        ess_buf = ess_buf.at[t].set(jnp.exp(log_ess(log_w)))
+        ess_buf = ess_buf.at[t].set(ess)
         res_buf = res_buf.at[t].set(flag)
         inc_buf = inc_buf.at[t].set(inc)
         info_buf = jax.tree.map(lambda b, x: b.at[t].set(x), info_buf, mdl.info())
