@@ -1,0 +1,30 @@
+"""Diffusion models as Feynman-Kac models, with Gaussian-mixture data as the exact reference."""
+
+from models.diffusion.fk_model import (
+    POTENTIALS,
+    DiffusionParticles,
+    LinearReward,
+    RewardTiltedDiffusion,
+    exact_log_normaliser,
+    exact_tilted_target,
+    tilted_gmm_diffusion,
+)
+from models.diffusion.gaussian_mixture import DiffusedMixture, GaussianMixture
+from models.diffusion.tilted import tilt, tilt_log_normaliser
+from models.diffusion.vp_sde import VPSDE, ScoreFn
+
+__all__ = [
+    "GaussianMixture",
+    "DiffusedMixture",
+    "VPSDE",
+    "ScoreFn",
+    "tilt",
+    "tilt_log_normaliser",
+    "LinearReward",
+    "DiffusionParticles",
+    "RewardTiltedDiffusion",
+    "tilted_gmm_diffusion",
+    "exact_tilted_target",
+    "exact_log_normaliser",
+    "POTENTIALS",
+]
