@@ -44,4 +44,6 @@ def _observation(p: SVParams, t, x):
 
 def stochastic_volatility(params: SVParams | None = None) -> StateSpaceModel:
     """The SV model as a :class:`~ppl.state_space.StateSpaceModel` (scalar state and observation)."""
-    return StateSpaceModel(_initial, _transition, _observation, params or SVParams.default())
+    return StateSpaceModel(
+        _initial, _transition, _observation, params or SVParams.default(), vectorized=True
+    )

@@ -148,7 +148,8 @@ class BootstrapFilter(AbstractFeynmanKac):
 
     def move(self, key, t, particles):
         if self.ssm.vectorized:
-            return _sample_batched(self.ssm.transition(self.ssm.params, t, particles), key, particles)
+            d = self.ssm.transition(self.ssm.params, t, particles)
+            return _sample_batched(d, key, particles)
         n = jax.tree.leaves(particles)[0].shape[0]
         keys = jax.random.split(key, n)
         return jax.vmap(lambda k, x: self.ssm.transition(self.ssm.params, t, x).sample(k))(

@@ -79,10 +79,21 @@ def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
     return (within + offsets[:, None]).reshape(-1)[:n]
 
 
+def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    """Normalised cumulative weights, non-decreasing and exactly flat across zero weights.
+
+    The blocked ``_cumsum`` rounds each entry independently, so in float32 a killed particle
+    (W_i = 0) could get C_i > C_{i-1} and be resampled back to life; a running maximum over the
+    positive-weight entries rules that out.
+    """
+    cumulative = _cumsum(weights)
+    cumulative = jax.lax.cummax(jnp.where(weights > 0, cumulative, 0.0))
+    return cumulative / cumulative[-1]
+
+
 def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -> Int[Array, " M"]:
     """Indices i with cumsum(W)_{i-1} ≤ u < cumsum(W)_i for sorted uniforms u in [0, 1)."""
-    cumulative = _cumsum(weights)
-    cumulative = cumulative / cumulative[-1]
+    cumulative = _cdf(weights)
     idx = jnp.searchsorted(cumulative, positions, side="right")
     return jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32)
 
@@ -101,8 +112,7 @@ def _stratified_search(
     """
     n = weights.shape[0]
     m = num_samples
-    cumulative = _cumsum(weights)
-    cumulative = cumulative / cumulative[-1]
+    cumulative = _cdf(weights)
     shared = jnp.ndim(offsets) == 0
     j = jnp.clip(jnp.floor(m * cumulative).astype(jnp.int32), 0, m)
     count = jnp.clip(j - 1, 0, m)
