@@ -88,7 +88,20 @@ class RandomWalk(AbstractMCMCKernel):
         )
 
 
-class HMC(AbstractMCMCKernel):
+class _GradientKernel(AbstractMCMCKernel):
+    """Shared by the gradient-based kernels: target acceptance and a d^(-1/4) initial step."""
+
+    acceptance: eqx.AbstractVar[float]
+
+    @property
+    def target_acceptance(self) -> float:
+        return self.acceptance
+
+    def initial_step_size(self, dim: int) -> float:
+        return 1.0 / dim**0.25
+
+
+class HMC(_GradientKernel):
     """HMC with inverse mass matrix Σ and ``num_integration_steps`` leapfrog steps of size ε."""
 
     num_integration_steps: int = eqx.field(static=True, default=5)
@@ -100,19 +113,12 @@ class HMC(AbstractMCMCKernel):
                 f"num_integration_steps must be an int >= 1, got {self.num_integration_steps!r}"
             )
 
-    @property
-    def target_acceptance(self) -> float:
-        return self.acceptance
-
-    def initial_step_size(self, dim: int) -> float:
-        return 1.0 / dim**0.25
-
     def build(self, logdensity_fn, prepared):
         step_size, cov = prepared
         return blackjax.hmc(logdensity_fn, step_size, cov, self.num_integration_steps)
 
 
-class NUTS(AbstractMCMCKernel):
+class NUTS(_GradientKernel):
     """NUTS with inverse mass matrix Σ and step size ε."""
 
     max_num_doublings: int = eqx.field(static=True, default=6)
@@ -123,13 +129,6 @@ class NUTS(AbstractMCMCKernel):
             raise ValueError(
                 f"max_num_doublings must be an int >= 1, got {self.max_num_doublings!r}"
             )
-
-    @property
-    def target_acceptance(self) -> float:
-        return self.acceptance
-
-    def initial_step_size(self, dim: int) -> float:
-        return 1.0 / dim**0.25
 
     def build(self, logdensity_fn, prepared):
         step_size, cov = prepared
