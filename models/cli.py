@@ -1,0 +1,147 @@
+"""The ``ppl`` command line. Subcommands register themselves in :data:`SUBCOMMANDS`.
+
+    ppl generate "Why is the sky blue?" --max-new-tokens 128 --temperature 0.7 --top-p 0.9
+    ppl scale --task letter_words --methods pf,bon --budgets 1,2,4,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+# name -> (add_arguments(parser), run(args) -> exit code)
+SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def subcommand(name: str, help: str):
+    """Register ``ppl NAME``: decorate a ``run(args)`` whose ``.arguments(parser)`` adds options."""
+
+    def wrap(run):
+        SUBCOMMANDS[name] = (getattr(run, "arguments", lambda p: None), run, help)
+        return run
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- ppl generate
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the user message (rendered through the model's chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.2,
+                   help="sampling temperature; 0 is greedy (default 0.2, as SmolLM2's card suggests)")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 disables)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--gguf", default=None, help="GGUF file to use instead of the embedded SmolLM2")
+    p.add_argument("--hf", default=None, help="Hugging Face checkpoint directory to use instead")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--no-cache", action="store_true", help="do not use the on-disk JAX compilation cache")
+
+
+def _enable_compilation_cache() -> None:
+    import jax
+
+    path = os.environ.get("PPL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ppl-fk", "jax"))
+    try:
+        os.makedirs(path, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except Exception:  # a read-only home or an old jax: just compile every time
+        pass
+
+
+def load_model(args):
+    """``(model, tokenizer)`` chosen by the ``--gguf`` / ``--hf`` options (default: embedded SmolLM2)."""
+    import jax.numpy as jnp
+
+    from models.llm import load_gguf, load_hf, load_smollm2
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    if args.gguf and args.hf:
+        raise ValueError("give at most one of --gguf and --hf")
+    if args.gguf:
+        model, tok, _ = load_gguf(args.gguf, dtype=dtype)
+    elif args.hf:
+        model, tok, _ = load_hf(args.hf, dtype=dtype)
+        if tok is None:
+            raise ValueError(f"{args.hf!r} has no tokenizer.json")
+    else:
+        model, tok, _ = load_smollm2(dtype=dtype)
+    return model, tok
+
+
+def run_generate(args: argparse.Namespace, out=None) -> int:
+    import jax
+
+    from models.llm import Sampling
+    from models.llm.generate import stream_text
+
+    out = out or sys.stdout
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k,
+                        top_p=None if args.top_p == 1 else args.top_p)
+    if not args.no_cache:
+        _enable_compilation_cache()
+    model, tok = load_model(args)
+    for piece in stream_text(model, tok, args.prompt, jax.random.key(args.seed), max_new_tokens=args.max_new_tokens,
+                             sampling=sampling, chat=not args.raw, system=args.system):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+run_generate.arguments = _generate_arguments
+subcommand("generate", "chat-generate with an LLM (default: the embedded SmolLM2-135M-Instruct), streaming")(
+    run_generate)
+
+
+# ----------------------------------------------------------------------------- ppl scale
+def _scale_arguments(p: argparse.ArgumentParser) -> None:
+    from models.llm.scale import _add_arguments
+
+    _add_arguments(p)
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    from models.llm.scale import run_scale as _run
+
+    return _run(args)
+
+
+run_scale.arguments = _scale_arguments
+subcommand("scale", "accuracy vs budget of inference-time scaling methods (PF, PG, PT-PG, BoN, beam, DVTS) "
+           "on a task family")(run_scale)
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppl", description="Feynman-Kac particle algorithms in JAX")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (add_arguments, _, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _, run, _ = SUBCOMMANDS[args.command]
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ppl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,584 @@
+"""Inference-time scaling experiment: accuracy versus budget of every method on a task family.
+
+For each method × budget × prompt × seed, :func:`models.llm.methods.run_method` runs SmolLM2 on the
+prompt (steps = lines) with the task's programmatic step verifier as reward model, and the task's
+program decides whether the selected completion is correct. The accuracy of a (method, budget) cell
+is the mean success over prompts and seeds. Two 95% intervals are reported:
+
+- over seeds: the seed-level accuracies (each the mean over prompts) with a Student-t interval
+  (``n_seeds`` ≥ 2; it carries only the sampling noise of the methods, for these prompts);
+- over prompts: a percentile bootstrap resampling prompts (each with its mean over seeds), the
+  uncertainty about the task family's accuracy.
+
+The "scaling rate" comparison of Puri et al. (2025) is the smallest particle-filter budget whose
+accuracy reaches best-of-N at the largest budget run (e.g. 32): a PF that matches BoN@32 with 4
+particles scales 8× faster.
+
+Command line: ``python -m models.llm.scale --task letter_words --methods pf,bon --budgets 1,2,4``
+(``ppl scale`` is the same parser, registered in ``models/cli.py``). Writes ``results.json`` (every
+run), ``table.md`` and ``accuracy_vs_budget.png`` under ``--output-dir``.
+
+Reference: Puri et al. (2025), "A probabilistic inference approach to inference-time scaling of
+LLMs using particle-based Monte Carlo methods", Fig. 1/Table 1 (accuracy vs budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "ScaleConfig",
+    "load_step_lm",
+    "make_reward",
+    "run_experiment",
+    "summarize",
+    "pf_matching_budget",
+    "paired_difference",
+    "argmax_rows",
+    "format_paired",
+    "format_table",
+    "plot_scaling",
+    "add_scale_parser",
+    "run_scale",
+    "main",
+]
+
+DEFAULT_METHODS = ("pf", "pg", "ptpg", "bon", "wbon", "sc", "beam", "dvts")
+REWARDS = ("step", "final")
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+# ------------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be a comma-separated list of integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ValueError(f"{name} must be positive integers, got {text!r}")
+    return vals
+
+
+class ScaleConfig:
+    """Settings of one experiment (validated on construction)."""
+
+    def __init__(
+        self,
+        task: str,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        budgets: Sequence[int] = (1, 2, 4, 8, 16, 32),
+        seeds: int = 2,
+        num_prompts: int | None = None,
+        max_steps: int | None = None,
+        max_step_tokens: int = 8,
+        temperature: float = 0.7,
+        reward: str = "step",
+        output_dir: str = "outputs/scale",
+        method_options: dict | None = None,
+    ):
+        from models.llm.tasks import FAMILIES
+
+        if task not in FAMILIES:
+            raise ValueError(f"unknown task {task!r}; choose from {sorted(FAMILIES)}")
+        methods = [m.strip() for m in methods if m.strip()]
+        bad = [m for m in methods if m not in DEFAULT_METHODS]
+        if not methods or bad:
+            raise ValueError(f"methods must be among {DEFAULT_METHODS}, got {bad or methods}")
+        budgets = sorted(set(int(b) for b in budgets))
+        if not budgets or budgets[0] < 1:
+            raise ValueError(f"budgets must be positive integers, got {budgets}")
+        if not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+        for name, v in (("max_steps", max_steps), ("num_prompts", num_prompts)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be a positive integer, got {max_step_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+        self.task, self.methods, self.budgets, self.seeds = task, methods, budgets, seeds
+        self.num_prompts, self.max_steps, self.max_step_tokens = num_prompts, max_steps, max_step_tokens
+        self.temperature, self.reward, self.output_dir = float(temperature), reward, output_dir
+        self.method_options = dict(method_options or {})
+
+    def as_dict(self) -> dict:
+        return dict(task=self.task, methods=self.methods, budgets=self.budgets, seeds=self.seeds,
+                    num_prompts=self.num_prompts, max_steps=self.max_steps,
+                    max_step_tokens=self.max_step_tokens, temperature=self.temperature,
+                    reward=self.reward, method_options=self.method_options)
+
+
+# ------------------------------------------------------------------------------------------------
+# model, rewards, one run
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _smollm2():
+    from models.llm import load_smollm2
+
+    return load_smollm2()
+
+
+def load_step_lm(temperature: float = 0.7, delimiter: str = "\n"):
+    """SmolLM2-135M-Instruct as a :class:`~models.llm.step_lm.StepLM` whose steps are lines."""
+    from models.llm import Sampling
+    from models.llm.step_lm import StepLM
+
+    model, tokenizer, _ = _smollm2()
+    return StepLM(model, tokenizer, tokenizer.token_ids_containing(delimiter), None,
+                  Sampling(temperature=float(temperature)))
+
+
+_REWARDS: dict = {}
+_ANSWERS: dict = {}
+
+
+def make_reward(task, kind: str = "step"):
+    """The reward model of a task: its step verifier (process reward) or final verifier (outcome)."""
+    from models.llm.rewards import FinalAnswerVerifier, ProgrammaticStepVerifier
+
+    if kind not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
+    k = (task, kind)
+    if k not in _REWARDS:  # one registered host function per task (no growth across runs)
+        _REWARDS[k] = (ProgrammaticStepVerifier(task.step_score) if kind == "step"
+                       else FinalAnswerVerifier(task.final_score))
+    return _REWARDS[k]
+
+
+def _answer_fn(task, lm) -> Callable[[list[int]], str]:
+    k = (task, id(lm.tokenizer))
+    if k not in _ANSWERS:
+        decode = lm.decode
+        _ANSWERS[k] = lambda ids: task.answer(decode(ids))
+    return _ANSWERS[k]
+
+
+def run_key(seed: int, prompt_index: int):
+    """Common random numbers: every method and budget sees the same key for (seed, prompt)."""
+    import jax
+
+    return jax.random.fold_in(jax.random.PRNGKey(seed), prompt_index)
+
+
+def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cfg: ScaleConfig,
+            max_steps: int, run_fn: Callable | None = None) -> dict:
+    """One run; returns a JSON-able row (correctness decided by the task's program)."""
+    if run_fn is None:
+        from models.llm.methods import run_method as run_fn
+    prompt_ids = task.prompt_ids(lm.tokenizer)
+    t0 = time.perf_counter()
+    res = run_fn(method, run_key(seed, prompt_index), lm, prompt_ids, make_reward(task, cfg.reward),
+                 budget, answer_fn=_answer_fn(task, lm), max_steps=max_steps,
+                 max_step_tokens=cfg.max_step_tokens, **cfg.method_options)
+    elapsed = time.perf_counter() - t0
+    c = res.compute
+    cands = [str(a) for a in (getattr(res, "all_answers", None) or [])]
+    weights = [float(w) for w in (getattr(res, "weights", None) or [])]
+    return dict(
+        method=method, budget=budget, prompt=prompt_index, seed=seed,
+        correct=bool(task.is_correct(res.text)), answer=str(res.answer), text=res.text,
+        tokens_generated=int(c.tokens_generated), reward_calls=int(c.reward_calls),
+        wall_time_s=float(c.wall_time_s), compile_time_s=float(getattr(c, "compile_time_s", 0.0)),
+        total_time_s=elapsed,
+        log_evidence=float(getattr(res, "log_evidence", float("nan"))),
+        candidates=cands, weights=weights,
+        candidates_correct=[bool(task.answer_is_correct(a)) for a in cands],
+    )
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["method"], int(r["budget"]), int(r["prompt"]), int(r["seed"]))
+
+
+def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: bool = False,
+                   run_fn: Callable | None = None, save: bool = True) -> list[dict]:
+    """Every (method, budget, prompt, seed) run, with a progress bar; rows are saved as they come
+    (``results.json`` in ``cfg.output_dir``), and ``resume`` skips rows already saved there."""
+    from tqdm import tqdm
+
+    from models.llm.tasks import get_tasks
+
+    tasks = get_tasks(cfg.task, cfg.num_prompts)
+    max_steps = cfg.max_steps or max(t.max_steps for t in tasks)  # one static shape per family
+    if lm is None:
+        lm = load_step_lm(cfg.temperature)
+    path = os.path.join(cfg.output_dir, "results.json")
+    rows: list[dict] = []
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        prev = old.get("config", {})
+        keys = ("task", "max_step_tokens", "temperature", "reward", "method_options")
+        diff = {k: (prev.get(k), cfg.as_dict()[k]) for k in keys if prev.get(k) != cfg.as_dict()[k]}
+        if prev.get("max_steps_used", max_steps) != max_steps:
+            diff["max_steps"] = (prev.get("max_steps_used"), max_steps)
+        if diff:
+            raise ValueError(f"cannot resume {path}: its settings differ (saved, now): {diff}")
+        rows = old["rows"]
+    done = {_row_key(r) for r in rows}
+    # prompt-major order: a run stopped early still has every (method, budget) cell on the same
+    # prompts (compiled programs are cached per cell, so the order costs no extra compilation)
+    jobs = [(m, b, i, s) for i in range(len(tasks)) for s in range(cfg.seeds) for m in cfg.methods
+            for b in cfg.budgets]
+    todo = [j for j in jobs if j not in done]
+    bar = tqdm(todo, desc=f"scale {cfg.task}", disable=not progress, dynamic_ncols=True)
+    last_save = time.perf_counter()
+    for m, b, i, s in bar:
+        bar.set_postfix_str(f"{m}@{b} prompt {i} seed {s}")
+        rows.append(run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn))
+        if save and time.perf_counter() - last_save > 30:
+            _save_rows(path, cfg, rows, max_steps)
+            last_save = time.perf_counter()
+    if save:
+        _save_rows(path, cfg, rows, max_steps)
+    wanted = set(jobs)
+    return [r for r in rows if _row_key(r) in wanted]
+
+
+def _save_rows(path: str, cfg: ScaleConfig, rows: list[dict], max_steps: int) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"config": {**cfg.as_dict(), "max_steps_used": max_steps}, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------
+
+# 97.5% quantiles of Student's t (rounded up): exact for df ≤ 30, then the next lower tabulated df
+_T975 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.307, 9: 2.263,
+         10: 2.229, 11: 2.201, 12: 2.179, 13: 2.161, 14: 2.145, 15: 2.132, 16: 2.12, 17: 2.11,
+         18: 2.101, 19: 2.094, 20: 2.086, 21: 2.08, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.06,
+         26: 2.056, 27: 2.052, 28: 2.049, 29: 2.046, 30: 2.043, 40: 2.022, 60: 2.001, 120: 1.98}
+
+
+def _t975(df: int) -> float:
+    """97.5% quantile of t_df (conservative between tabulated values)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    return _T975[max(k for k in _T975 if k <= df)]
+
+
+def summarize(rows: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per (method, budget): accuracy, 95% CI over seeds (t), 95% CI over prompts (bootstrap),
+    mean tokens generated and reward calls. Keys are ``"method@budget"``."""
+    rng = np.random.default_rng(seed)
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], int(r["budget"])), []).append(r)
+    out = {}
+    for (m, b), rs in sorted(cells.items()):
+        prompts = sorted({r["prompt"] for r in rs})
+        seeds = sorted({r["seed"] for r in rs})
+        grid = np.full((len(prompts), len(seeds)), np.nan)
+        for r in rs:
+            grid[prompts.index(r["prompt"]), seeds.index(r["seed"])] = float(r["correct"])
+        acc = float(np.nanmean(grid))
+        per_seed = np.nanmean(grid, axis=0)
+        if len(seeds) >= 2:
+            h = _t975(len(seeds) - 1) * float(np.std(per_seed, ddof=1)) / math.sqrt(len(seeds))
+            ci_seeds = (max(0.0, acc - h), min(1.0, acc + h))
+        else:
+            ci_seeds = (float("nan"), float("nan"))
+        per_prompt = np.nanmean(grid, axis=1)
+        boot = rng.choice(per_prompt, size=(n_boot, len(per_prompt)), replace=True).mean(axis=1)
+        ci_prompts = (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)))
+        out[f"{m}@{b}"] = dict(
+            method=m, budget=b, accuracy=acc, ci_seeds=ci_seeds, ci_prompts=ci_prompts,
+            per_seed=per_seed.tolist(), n_prompts=len(prompts), n_seeds=len(seeds),
+            tokens_generated=float(np.mean([r["tokens_generated"] for r in rs])),
+            reward_calls=float(np.mean([r["reward_calls"] for r in rs])),
+            wall_time_s=float(np.mean([r["wall_time_s"] for r in rs])),
+        )
+    return out
+
+
+def argmax_rows(rows: Sequence[dict], method: str = "pf", name: str = "pf-argmax") -> list[dict]:
+    """Rows of ``method`` re-judged with the highest-weight candidate as the answer (``run_method``'s
+    ``selection="argmax"``; same particles, only the final choice differs), from the candidates,
+    weights and per-candidate correctness every row stores."""
+    out = []
+    for r in rows:
+        w, ok = r.get("weights") or [], r.get("candidates_correct") or []
+        if r["method"] == method and w and len(w) == len(ok):
+            out.append(dict(r, method=name, correct=bool(ok[int(np.argmax(w))])))
+    return out
+
+
+def paired_difference(rows: Sequence[dict], method: str = "pf", reference: str = "bon") -> dict:
+    """Per budget: mean of (success of ``method`` − success of ``reference``) over the (prompt, seed)
+    pairs both ran (same prompt, same key), with a 95% Student-t interval over the per-prompt mean
+    differences (prompts are the independent units; with few prompts a t interval is safer than a
+    percentile bootstrap). Pairing removes the prompt-difficulty variance of the unpaired
+    intervals."""
+    ok = {(r["method"], int(r["budget"]), r["prompt"], r["seed"]): float(r["correct"]) for r in rows}
+    out = {}
+    for b in sorted({int(r["budget"]) for r in rows}):
+        diffs: dict = {}
+        for (m, bb, p, s), v in ok.items():
+            if m == method and bb == b and (reference, b, p, s) in ok:
+                diffs.setdefault(p, []).append(v - ok[(reference, b, p, s)])
+        if not diffs:
+            continue
+        per_prompt = np.array([np.mean(v) for v in diffs.values()])
+        mean = float(np.mean(per_prompt))
+        if len(per_prompt) >= 2:
+            h = _t975(len(per_prompt) - 1) * float(np.std(per_prompt, ddof=1)) / math.sqrt(len(per_prompt))
+        else:
+            h = float("nan")
+        out[b] = dict(mean=mean, ci=(mean - h, mean + h), n_prompts=len(per_prompt),
+                      n_pairs=int(sum(len(v) for v in diffs.values())))
+    return out
+
+
+def format_paired(diff: dict, method: str = "pf", reference: str = "bon") -> str:
+    if not diff:
+        return ""
+    cells = [f"B={b}: {v['mean']:+.2f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]" for b, v in diff.items()]
+    return f"paired accuracy difference {method} − {reference} (95% t CI over prompts): " + "; ".join(cells)
+
+
+def pf_matching_budget(summary: dict, reference: str = "bon", method: str = "pf") -> dict:
+    """Smallest ``method`` budget whose accuracy reaches ``reference`` at its largest budget."""
+    ref = [v for v in summary.values() if v["method"] == reference]
+    own = sorted((v for v in summary.values() if v["method"] == method), key=lambda v: v["budget"])
+    if not ref or not own:
+        return dict(reference=reference, method=method, available=False)
+    top = max(ref, key=lambda v: v["budget"])
+    match = next((v for v in own if v["accuracy"] >= top["accuracy"] - 1e-12), None)
+    res = dict(reference=reference, method=method, available=True, reference_budget=top["budget"],
+               reference_accuracy=top["accuracy"], matching_budget=None, ratio=None)
+    if match is not None:
+        res.update(matching_budget=match["budget"], matching_accuracy=match["accuracy"],
+                   ratio=top["budget"] / match["budget"])
+    return res
+
+
+def matching_line(match: dict) -> str:
+    if not match.get("available"):
+        return f"{match['method']} vs {match['reference']}: not both run."
+    head = (f"{match['reference']}@{match['reference_budget']} accuracy "
+            f"{match['reference_accuracy']:.3f}; ")
+    if match["matching_budget"] is None:
+        return head + f"no {match['method']} budget run reaches it."
+    return head + (f"smallest {match['method']} budget reaching it: {match['matching_budget']} "
+                   f"(accuracy {match['matching_accuracy']:.3f}; budget ratio "
+                   f"{match['ratio']:.3g}x).")
+
+
+def format_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) -> str:
+    """Markdown table: rows = methods, columns = budgets, cells ``acc ±seedCI [prompt CI]``."""
+    head = "| method | " + " | ".join(f"B={b}" for b in budgets) + " |"
+    sep = "|---|" + "---|" * len(budgets)
+    lines = [head, sep]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            v = summary.get(f"{m}@{b}")
+            if v is None:
+                cells.append("–")
+                continue
+            lo, hi = v["ci_seeds"]
+            seed_ci = f" ±{(hi - lo) / 2:.2f}" if np.isfinite(lo) else ""
+            plo, phi = v["ci_prompts"]
+            cells.append(f"{v['accuracy']:.2f}{seed_ci} [{plo:.2f}, {phi:.2f}]")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_compute_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) -> str:
+    """Markdown table of mean tokens generated / reward calls per run."""
+    head = "| method | " + " | ".join(f"B={b}" for b in budgets) + " |"
+    lines = [head, "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            v = summary.get(f"{m}@{b}")
+            cells.append("–" if v is None else f"{v['tokens_generated']:.0f} / {v['reward_calls']:.0f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_scaling(summary: dict, methods: Sequence[str], budgets: Sequence[int], path: str,
+                 title: str = "") -> str:
+    """Accuracy vs budget (log2 x-axis), one line per method, error bars = CI over prompts."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for k, m in enumerate(methods):
+        vs = [summary[f"{m}@{b}"] for b in budgets if f"{m}@{b}" in summary]
+        if not vs:
+            continue
+        # a small horizontal offset per method keeps overlapping error bars readable
+        x = np.array([v["budget"] for v in vs], float) * 2.0 ** (0.04 * (k - (len(methods) - 1) / 2))
+        y = np.array([v["accuracy"] for v in vs])
+        lo = y - np.array([v["ci_prompts"][0] for v in vs])
+        hi = np.array([v["ci_prompts"][1] for v in vs]) - y
+        style = (dict(lw=2.2, marker="o") if m == "pf" else dict(lw=1.6, marker="s", ls="--")
+                 if m == "pf-argmax" else dict(lw=1.3, marker="."))
+        ax.errorbar(x, y, yerr=[lo, hi], capsize=2, label=m, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(budgets))
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("budget (particles / samples)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dict:
+    """Summary, markdown tables, the PF-vs-BoN line, and (``write``) table.md + the PNG."""
+    rows = list(rows) + argmax_rows(rows)
+    summary = summarize(rows)
+    budgets = sorted({int(r["budget"]) for r in rows})
+    methods = [m for m in list(cfg.methods) + ["pf-argmax"] if any(r["method"] == m for r in rows)]
+    table = format_table(summary, methods, budgets)
+    compute = format_compute_table(summary, methods, budgets)
+    match = pf_matching_budget(summary)
+    line = matching_line(match)
+    paired = paired_difference(rows) if {"pf", "bon"} <= set(methods) else {}
+    paired_line = format_paired(paired)
+    if {"pf-argmax", "bon"} <= set(methods):
+        match2 = pf_matching_budget(summary, method="pf-argmax")
+        line += "\n" + matching_line(match2)
+        paired_line += "\n" + format_paired(paired_difference(rows, "pf-argmax"), "pf-argmax")
+    out = dict(summary=summary, table=table, compute_table=compute, match=match, match_line=line,
+               paired=paired, paired_line=paired_line)
+    if write:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        n_prompts = len({r["prompt"] for r in rows})
+        n_seeds = len({r["seed"] for r in rows})
+        png = plot_scaling(summary, methods, budgets,
+                           os.path.join(cfg.output_dir, "accuracy_vs_budget.png"),
+                           title=f"{cfg.task}: {n_prompts} prompts × {n_seeds} seeds (SmolLM2-135M)")
+        with open(os.path.join(cfg.output_dir, "table.md"), "w") as f:
+            f.write(f"Accuracy (mean, ±95% CI over seeds, [95% bootstrap CI over prompts])\n\n{table}\n\n"
+                    f"Mean tokens generated / reward calls per run\n\n{compute}\n\n{line}\n\n"
+                    f"{paired_line}\n")
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+            json.dump(dict(config=cfg.as_dict(), summary=summary, match=match,
+                           paired={str(k): v for k, v in paired.items()}), f, indent=1)
+        out["png"] = png
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------
+
+
+def add_scale_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``scale`` sub-command to an ``argparse`` sub-parser set; it dispatches to
+    :func:`run_scale` (``args.func``)."""
+    p = subparsers.add_parser(
+        "scale", help="accuracy vs budget of inference-time scaling methods on a task family",
+        description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    p.set_defaults(func=run_scale)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from models.llm.tasks import FAMILIES
+
+    p.add_argument("--task", required=True, choices=sorted(FAMILIES), help="task family")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated, among " + ",".join(DEFAULT_METHODS))
+    p.add_argument("--budgets", default="1,2,4,8,16,32", help="comma-separated budgets")
+    p.add_argument("--seeds", type=int, default=2, help="independent seeds per prompt")
+    p.add_argument("--num-prompts", type=int, default=None, help="first prompts of the family (default all)")
+    p.add_argument("--output-dir", default="outputs/scale", help="results.json, table.md, PNG")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="step cap (default: the family's longest list + 1)")
+    p.add_argument("--max-step-tokens", type=int, default=8, help="token cap of one step (a line)")
+    p.add_argument("--temperature", type=float, default=0.7, help="LM sampling temperature")
+    p.add_argument("--reward", default="step", choices=REWARDS,
+                   help="step: the programmatic step verifier (process reward); final: outcome only")
+    p.add_argument("--reward-temperature", type=float, default=None,
+                   help="τ of the potential, G_t = (r_t / r_{t-1})^(1/τ) (default 1; < 1 sharpens)")
+    p.add_argument("--selection", choices=("vote", "argmax", "sample"), default=None,
+                   help="final answer of pf / pg / ptpg (default: weighted vote)")
+    p.add_argument("--beam-width", type=int, default=None, help="children per beam (beam, dvts)")
+    p.add_argument("--pg-iterations", type=int, default=None, help="sweeps of pg / ptpg")
+    p.add_argument("--resume", action="store_true", help="skip runs already in results.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    """Run the experiment described by parsed arguments; print the table and the PF-vs-BoN line."""
+    opts = {}
+    if getattr(args, "beam_width", None) is not None:
+        opts["beam_width"] = args.beam_width
+    if getattr(args, "pg_iterations", None) is not None:
+        opts["pg_iterations"] = args.pg_iterations
+    if getattr(args, "reward_temperature", None) is not None:
+        if not args.reward_temperature > 0:
+            print("error: --reward-temperature must be > 0", file=sys.stderr)
+            return 2
+        opts["temperature"] = args.reward_temperature
+    if getattr(args, "selection", None) is not None:
+        opts["selection"] = args.selection
+    try:
+        cfg = ScaleConfig(
+            task=args.task, methods=str(args.methods).split(","),
+            budgets=_int_list(args.budgets, "--budgets"), seeds=args.seeds,
+            num_prompts=args.num_prompts, max_steps=args.max_steps,
+            max_step_tokens=args.max_step_tokens, temperature=args.temperature,
+            reward=args.reward, output_dir=args.output_dir, method_options=opts,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    rows = run_experiment(cfg, progress=not args.no_progress, resume=args.resume)
+    out = report(cfg, rows)
+    print(f"\n{cfg.task}: accuracy (mean, ±95% CI over seeds, [95% bootstrap CI over prompts])\n")
+    print(out["table"])
+    print("\nmean tokens generated / reward calls per run\n")
+    print(out["compute_table"])
+    print("\n" + out["match_line"])
+    if out["paired_line"]:
+        print(out["paired_line"])
+    print(f"\nwrote {out['png']}, {os.path.join(cfg.output_dir, 'table.md')}, "
+          f"{os.path.join(cfg.output_dir, 'results.json')} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.llm.scale", description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    return run_scale(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,560 @@
+"""Step-by-step LLM generation as a Feynman-Kac (state-space) model, over any step LM.
+
+Following Puri et al. (2025), a completion is built in reasoning steps x_1, x_2, ...: the state is
+the prefix x_{1:t} (a :class:`LLMParticle`: token buffer + KV cache + lengths + step count + done
+flag), the transition M_t is the LM sampling the next step (tokens up to a delimiter, EOS, or a
+per-step cap), and a reward model gives r̂_t = r̂(x_{1:t}) ∈ [0, 1] (:mod:`models.llm.rewards`),
+aggregated over steps into R_t (``aggregation``): ``last`` R_t = r̂_t; ``min`` R_t = min_{s≤t} r̂_s;
+``product`` R_t = ∏_{s≤t} r̂_s; ``model`` the reward model's own rule. With a softmax temperature τ
+(β = 1/τ) the potentials are (``weighting``):
+
+- ``twisted`` (default): G_t = R_t^β / R_{t−1}^β (R_{−1} = 1), so ∏_t G_t = R_T^β: proper
+  incremental importance weights of the twisted target π(x) ∝ p(x) R(x)^β; SMC on it gives an
+  unbiased Ẑ of Z = E_p[R(x)^β]. R_t^β acts as a twist (a look-ahead guess of the final reward).
+- ``puri``: G_t = f(R_t)^β with f the link of ``puri_link`` (``logit``: r/(1−r), the public code
+  of Puri et al. and its_hub, which resample ∝ softmax(logit(r̂_t)/τ); ``identity``: e^{r}, the
+  paper's softmax of rewards; ``log``: r), resampling at every step. This targets
+  π_puri(x) ∝ p(x) ∏_{t≤T(x)} f(R_t(x_{1:t}))^β — every intermediate reward counts once more at
+  every step, so long completions and early steps are over-weighted: a different, biased target,
+  and log Ẑ estimates the normaliser of that product, not of π. ``reweight_finished=True``
+  also re-weights finished particles by f(R_T)^β at every step until all are done (they get cloned,
+  as in the paper's code), which makes the target depend on the population.
+
+Finished particles are absorbing (the engine neither moves nor re-weights them). With
+``correct_proposal`` the weights also carry p/q of every step (q the sampling law, e.g. a
+temperature or top-p), so the targets use the LM p at temperature 1 instead of q.
+
+The model also provides the search interface of :mod:`samplers.search` (``score`` = log R_t,
+``answer``, ``num_tokens``, ``max_num_steps``), ``log_transition`` for ancestor sampling, and
+:meth:`LLMFeynmanKac.path` to rebuild the trajectory x_{0:T−1} of a particle from its final state (the
+state stores its own history, so conditional SMC needs no genealogy). Compute is counted exactly in
+the model's leaves ``tokens_generated`` / ``reward_calls`` (it is an adaptive model whose
+``adapt`` adds each step's new tokens and reward calls of the particles that moved).
+
+Reference: Puri, Sudalairaj, Xu, Xu & Srivastava (2025), "A probabilistic inference approach to
+inference-time scaling of LLMs using particle-based Monte Carlo methods"; Zhao, Brekelmans,
+Makhzani & Grosse (2024), "Probabilistic inference in language models via twisted SMC".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from models.llm.rewards import RewardModel, host_fn, host_fn_id, host_rows
+from models.llm.step_lm import AbstractStepLM
+from ppl.feynman_kac import AbstractFeynmanKac
+
+__all__ = [
+    "LLMParticle",
+    "LLMFeynmanKac",
+    "HostAnswer",
+    "answer_table",
+    "WEIGHTINGS",
+    "AGGREGATIONS",
+    "PURI_LINKS",
+]
+
+WEIGHTINGS = ("twisted", "puri")
+AGGREGATIONS = ("last", "min", "product", "model")
+PURI_LINKS = ("logit", "identity", "log")
+_LOGIT_EPS = 1e-7  # its_hub clips rewards to [1e-7, 1 - 1e-7] before the logit
+
+
+class LLMParticle(NamedTuple):
+    """Particles of :class:`LLMFeynmanKac` (every leaf has the particle axis N first).
+
+    Attributes:
+        lm: the step LM's decoding state (token buffer, KV cache, lengths, done).
+        reward: the reward model's incremental state (e.g. a judge's cache), or ``None``.
+        num_steps: steps generated so far.
+        done: finished (EOS, full buffer, or ``max_steps`` steps); absorbing.
+        step_tokens, step_logprob, step_logq: tokens of the last step, its log-probability under
+            the LM (temperature 1) and under the sampling law.
+        scored: the last step was sent to the reward model (a reward call).
+        log_step_reward: log r̂ of the last scoring; ``log_reward``: aggregated log R_t.
+        hist_*: [N, max_steps] per-step records (length after the step, log R, log r̂, log p,
+            log q, scored), 0 past ``num_steps``; they rebuild the trajectory (:meth:`~LLMFeynmanKac.path`).
+    """
+
+    lm: Any
+    reward: Any
+    num_steps: Int[Array, " N"]
+    done: Bool[Array, " N"]
+    step_tokens: Int[Array, " N"]
+    step_logprob: Float[Array, " N"]
+    step_logq: Float[Array, " N"]
+    scored: Bool[Array, " N"]
+    log_step_reward: Float[Array, " N"]
+    log_reward: Float[Array, " N"]
+    hist_lengths: Int[Array, "N S"]
+    hist_log_reward: Float[Array, "N S"]
+    hist_log_step_reward: Float[Array, "N S"]
+    hist_logprob: Float[Array, "N S"]
+    hist_logq: Float[Array, "N S"]
+    hist_scored: Bool[Array, "N S"]
+
+
+class HostAnswer:
+    """Interning table of one answer function ``fn(completion_ids) -> Hashable``: integer ids with
+    equal answers ↔ equal ids, so that votes can run inside ``jit`` (``jax.pure_callback``).
+    ``values[i]`` is the answer of id i. One table per registered function (:func:`answer_table`)."""
+
+    def __init__(self, fn: Callable[[list[int]], Hashable]):
+        self.fn = fn
+        self.table: dict[Hashable, int] = {}
+        self.values: list[Hashable] = []
+
+    def intern(self, answer: Hashable) -> int:
+        i = self.table.get(answer)
+        if i is None:
+            i = self.table[answer] = len(self.values)
+            self.values.append(answer)
+        return i
+
+
+_ANSWER_TABLES: dict[int, HostAnswer] = {}
+
+
+def answer_table(fn_id) -> HostAnswer:
+    """The interning table of the answer function registered under ``fn_id``."""
+    i = int(fn_id)
+    if i not in _ANSWER_TABLES:
+        _ANSWER_TABLES[i] = HostAnswer(host_fn(i))
+    return _ANSWER_TABLES[i]
+
+
+def _answer_row(fid, tok, p, n):
+    table = answer_table(fid)
+    return table.intern(table.fn([int(x) for x in tok[int(p): int(n)]]))
+
+
+def _tuple_answer(ids):
+    return tuple(ids)
+
+
+class LLMFeynmanKac(AbstractFeynmanKac):
+    """The LLM state-space model (see the module docstring). Build it with :meth:`build`.
+
+    Run it with ``samplers.smc(key, model, N, max_steps=model.max_num_steps)`` (``puri``: with
+    ``ess_threshold=1``). Leaves ``tokens_generated`` and ``reward_calls`` of the returned
+    ``result.model`` hold the exact compute of the run.
+    """
+
+    lm: AbstractStepLM
+    reward: RewardModel
+    prompt_state: Any
+    inv_temperature: Float[Array, ""]
+    tokens_generated: Int[Array, ""]
+    reward_calls: Int[Array, ""]
+    weighting_code: Int[Array, ""]
+    aggregation_code: Int[Array, ""]
+    link_code: Int[Array, ""]
+    reweight_finished: Bool[Array, ""]
+    correct_proposal: Bool[Array, ""]
+    max_steps: int = eqx.field(static=True)
+    max_step_tokens: int = eqx.field(static=True)
+    score_steps: bool = eqx.field(static=True, default=True)
+    answer_fn_id: Any = None
+    answer_ids_fn: Any = eqx.field(static=True, default=None)
+
+    is_adaptive = True
+    num_steps = None
+
+    # ---------------------------------------------------------------------------------- building
+    @classmethod
+    def build(
+        cls,
+        lm: AbstractStepLM,
+        prompt_ids: Sequence[int],
+        reward: RewardModel,
+        *,
+        max_steps: int,
+        max_step_tokens: int,
+        max_new_tokens: int | None = None,
+        weighting: str = "twisted",
+        aggregation: str = "last",
+        temperature: float = 1.0,
+        puri_link: str = "logit",
+        reweight_finished: bool = False,
+        correct_proposal: bool = False,
+        score_steps: bool = True,
+        answer_fn: Callable[[list[int]], Hashable] | None = None,
+        answer_ids_fn: Callable | None = None,
+    ) -> "LLMFeynmanKac":
+        """Prefill the prompt and bind the reward model (host side).
+
+        Args:
+            lm: a step LM (:class:`~models.llm.step_lm.StepLM`, :class:`~models.llm.step_lm.MarkovStepLM`).
+            prompt_ids: the prompt's token ids (chat template already applied).
+            reward: a :class:`~models.llm.rewards.RewardModel`.
+            max_steps: step cap; a particle is finished after ``max_steps`` steps.
+            max_step_tokens: token cap of one step.
+            max_new_tokens: buffer for the completion (default ``max_steps · max_step_tokens``);
+                a full buffer finishes a particle.
+            weighting: ``"twisted"`` or ``"puri"``; aggregation: ``last|min|product|model``.
+            temperature: τ > 0 of the potential (β = 1/τ).
+            puri_link: ``logit|identity|log`` (``puri`` only); reweight_finished: ``puri`` only.
+            correct_proposal: weight by p/q of each step (p the LM at temperature 1, q the
+                sampling law), so that the base measure is p.
+            score_steps: score every step during the move (needed by SMC, particle Gibbs, beam
+                search); ``False`` scores only when :meth:`score` is called (best-of-N, voting),
+                with ``aggregation="last"``.
+            answer_fn: ``fn(completion_ids) -> Hashable`` for votes (default: the ids themselves),
+                passed to the compiled code by id (:func:`~models.llm.rewards.host_fn_id`);
+                answer_ids_fn: a jnp alternative
+                ``fn(tokens, lengths, prompt_lengths) -> int [N]``.
+        """
+        if not isinstance(lm, AbstractStepLM):
+            raise TypeError(f"lm must be an AbstractStepLM (StepLM, MarkovStepLM), got {type(lm).__name__}")
+        if not isinstance(reward, RewardModel):
+            raise TypeError(f"reward must be a RewardModel, got {type(reward).__name__}")
+        for name, v in (("max_steps", max_steps), ("max_step_tokens", max_step_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if max_new_tokens is None:
+            max_new_tokens = max_steps * max_step_tokens
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if puri_link not in PURI_LINKS:
+            raise ValueError(f"puri_link must be one of {PURI_LINKS}, got {puri_link!r}")
+        if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if reweight_finished and weighting != "puri":
+            raise ValueError("reweight_finished reproduces the paper's puri weighting only")
+        if not score_steps and aggregation != "last":
+            raise ValueError("score_steps=False (score on demand) needs aggregation='last'")
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if any(not 0 <= i < lm.vocab_size for i in prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {lm.vocab_size})")
+        reward = reward.bind(lm, prompt_ids, max_new_tokens)
+        extra = int(reward.extra_context(lm))
+        total = len(prompt_ids) + max_new_tokens + extra
+        limit = getattr(lm, "max_context", None)
+        if limit is not None and total > limit:
+            raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) + judge "
+                             f"question ({extra}) = {total} tokens exceed the model context of {limit}")
+        prompt_state = lm.prefill(prompt_ids, max_new_tokens + extra)
+        if answer_fn is not None and answer_ids_fn is not None:
+            raise ValueError("give answer_fn or answer_ids_fn, not both")
+        answer_fn_id = None
+        if answer_ids_fn is None:
+            answer_fn_id = jnp.asarray(host_fn_id(_tuple_answer if answer_fn is None else answer_fn),
+                                       jnp.int32)
+        return cls(
+            lm=lm,
+            reward=reward,
+            prompt_state=prompt_state,
+            inv_temperature=jnp.asarray(1.0 / temperature, jnp.float32),
+            tokens_generated=jnp.asarray(0, jnp.int32),
+            reward_calls=jnp.asarray(0, jnp.int32),
+            weighting_code=jnp.asarray(WEIGHTINGS.index(weighting), jnp.int32),
+            aggregation_code=jnp.asarray(AGGREGATIONS.index(aggregation), jnp.int32),
+            link_code=jnp.asarray(PURI_LINKS.index(puri_link), jnp.int32),
+            reweight_finished=jnp.asarray(bool(reweight_finished)),
+            correct_proposal=jnp.asarray(bool(correct_proposal)),
+            max_steps=max_steps,
+            max_step_tokens=max_step_tokens,
+            score_steps=bool(score_steps),
+            answer_fn_id=answer_fn_id,
+            answer_ids_fn=answer_ids_fn,
+        )
+
+    def with_inv_temperature(self, beta) -> "LLMFeynmanKac":
+        """The same model at inverse temperature β (a traced value is fine: parallel tempering)."""
+        return eqx.tree_at(lambda m: m.inv_temperature, self, jnp.asarray(beta, jnp.float32))
+
+    def reset_counters(self) -> "LLMFeynmanKac":
+        zero = jnp.asarray(0, jnp.int32)
+        return eqx.tree_at(lambda m: (m.tokens_generated, m.reward_calls), self, (zero, zero))
+
+    def with_options(
+        self,
+        *,
+        weighting: str | None = None,
+        aggregation: str | None = None,
+        puri_link: str | None = None,
+        temperature: float | None = None,
+        reweight_finished: bool | None = None,
+        correct_proposal: bool | None = None,
+        score_steps: bool | None = None,
+    ) -> "LLMFeynmanKac":
+        """A copy with options changed. All but ``score_steps`` are array leaves, so models that
+        differ only in them share one compiled program (and can be ``vmap``-ed over)."""
+        m = self
+        codes = {}
+        if weighting is not None:
+            if weighting not in WEIGHTINGS:
+                raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+            codes["weighting_code"] = WEIGHTINGS.index(weighting)
+        if aggregation is not None:
+            if aggregation not in AGGREGATIONS:
+                raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+            codes["aggregation_code"] = AGGREGATIONS.index(aggregation)
+        if puri_link is not None:
+            if puri_link not in PURI_LINKS:
+                raise ValueError(f"puri_link must be one of {PURI_LINKS}, got {puri_link!r}")
+            codes["link_code"] = PURI_LINKS.index(puri_link)
+        for name, v in codes.items():
+            m = eqx.tree_at(lambda x, name=name: getattr(x, name), m, jnp.asarray(v, jnp.int32))
+        if temperature is not None:
+            if not np.isfinite(temperature) or temperature <= 0:
+                raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+            m = m.with_inv_temperature(1.0 / temperature)
+        if reweight_finished is not None:
+            m = eqx.tree_at(lambda x: x.reweight_finished, m, jnp.asarray(bool(reweight_finished)))
+        if correct_proposal is not None:
+            m = eqx.tree_at(lambda x: x.correct_proposal, m, jnp.asarray(bool(correct_proposal)))
+        if score_steps is not None:
+            import dataclasses
+
+            m = dataclasses.replace(m, score_steps=bool(score_steps))
+        if not m.score_steps and m.aggregation != "last":
+            raise ValueError("score_steps=False (score on demand) needs aggregation='last'")
+        return m
+
+    @property
+    def weighting(self) -> str:
+        return WEIGHTINGS[int(self.weighting_code)]
+
+    @property
+    def aggregation(self) -> str:
+        return AGGREGATIONS[int(self.aggregation_code)]
+
+    @property
+    def puri_link(self) -> str:
+        return PURI_LINKS[int(self.link_code)]
+
+    # ---------------------------------------------------------------------------------- shapes
+    @property
+    def prompt_length(self) -> int:
+        return int(np.asarray(self.prompt_state.lengths)[0])
+
+    @property
+    def max_num_steps(self) -> int:
+        """Steps that finish every particle (the search methods' and ``smc``'s step cap)."""
+        return self.max_steps
+
+    def initial_state(self, num: int) -> LLMParticle:
+        """``num`` copies of the prompt, no step taken."""
+        lm_state = self.lm.broadcast(self.prompt_state, num)
+        s = self.max_steps
+        zf = jnp.zeros((num,), jnp.float32)
+        return LLMParticle(
+            lm=lm_state,
+            reward=self.reward.init_state(self.lm, lm_state),
+            num_steps=jnp.zeros((num,), jnp.int32),
+            done=jnp.zeros((num,), bool),
+            step_tokens=jnp.zeros((num,), jnp.int32),
+            step_logprob=zf,
+            step_logq=zf,
+            scored=jnp.zeros((num,), bool),
+            log_step_reward=zf,
+            log_reward=zf,
+            hist_lengths=jnp.zeros((num, s), jnp.int32),
+            hist_log_reward=jnp.zeros((num, s), jnp.float32),
+            hist_log_step_reward=jnp.zeros((num, s), jnp.float32),
+            hist_logprob=jnp.zeros((num, s), jnp.float32),
+            hist_logq=jnp.zeros((num, s), jnp.float32),
+            hist_scored=jnp.zeros((num, s), bool),
+        )
+
+    # ---------------------------------------------------------------------------------- one step
+    def _aggregate(self, log_prev, log_r, first):
+        options = jnp.stack([
+            log_r,  # last
+            jnp.where(first, log_r, jnp.minimum(log_prev, log_r)),  # min
+            log_prev + log_r,  # product (log_prev = 0 before the first step)
+            self.reward.aggregate(log_prev, log_r, first),  # model
+        ])
+        return options[self.aggregation_code]
+
+    def _advance(self, key: PRNGKeyArray, p: LLMParticle) -> LLMParticle:
+        active = ~p.done
+        lm_in = p.lm._replace(done=p.lm.done | p.done)
+        lm_state, info = self.lm.generate_step(key, lm_in, self.max_step_tokens)
+        prev_len = p.lm.lengths
+        num_steps = p.num_steps + active.astype(jnp.int32)
+        finished = active & (lm_state.done | (num_steps >= self.max_steps))
+        done = p.done | finished
+        lm_state = lm_state._replace(done=lm_state.done | done)
+        rstate = self.reward.update(self.lm, p.reward, lm_state, prev_len, active, self.max_step_tokens)
+        if self.score_steps:
+            scored = active & (done | self.reward.scores_unfinished)
+            log_r = self.reward.log_score(self.lm, rstate, lm_state, prev_len, done, active)
+            log_r = jnp.where(scored, log_r, 0.0)
+            log_reward = self._aggregate(p.log_reward, log_r, p.num_steps == 0)
+        else:
+            scored = jnp.zeros_like(active)
+            log_r = jnp.zeros_like(p.log_reward)
+            log_reward = p.log_reward
+        keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+        step_tokens = keep(info.num_tokens, p.step_tokens)
+        logp = keep(info.logprob, p.step_logprob)
+        logq = keep(info.proposal_logprob, p.step_logq)
+        log_r = keep(log_r, p.log_step_reward)
+        log_reward = keep(log_reward, p.log_reward)
+        scored = keep(scored, p.scored)
+        slot = (jnp.arange(self.max_steps)[None, :] == (num_steps - 1)[:, None]) & active[:, None]
+
+        def put(h, v):
+            return jnp.where(slot, v[:, None].astype(h.dtype), h)
+
+        return LLMParticle(
+            lm=lm_state,
+            reward=rstate,
+            num_steps=num_steps,
+            done=done,
+            step_tokens=step_tokens,
+            step_logprob=logp,
+            step_logq=logq,
+            scored=scored,
+            log_step_reward=log_r,
+            log_reward=log_reward,
+            hist_lengths=put(p.hist_lengths, lm_state.lengths),
+            hist_log_reward=put(p.hist_log_reward, log_reward),
+            hist_log_step_reward=put(p.hist_log_step_reward, log_r),
+            hist_logprob=put(p.hist_logprob, logp),
+            hist_logq=put(p.hist_logq, logq),
+            hist_scored=put(p.hist_scored, scored),
+        )
+
+    # ---------------------------------------------------------------------------------- protocol
+    def init(self, key: PRNGKeyArray, num_particles: int) -> LLMParticle:
+        return self._advance(key, self.initial_state(num_particles))
+
+    def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: LLMParticle) -> LLMParticle:
+        return self._advance(key, particles)
+
+    def _link(self, log_r):
+        r = jnp.clip(jnp.exp(log_r), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+        options = jnp.stack([jnp.log(r) - jnp.log1p(-r), jnp.exp(log_r), log_r])  # PURI_LINKS
+        return options[self.link_code]
+
+    def log_potential(self, t, previous, particles):
+        beta = self.inv_temperature
+        log_r = particles.log_reward
+        puri = beta * self._link(log_r)
+        log_prev = jnp.zeros_like(log_r) if previous is None else previous.log_reward
+        inc = beta * (log_r - jnp.where(jnp.isfinite(log_prev), log_prev, 0.0))
+        twisted = jnp.where(log_prev == -jnp.inf, -jnp.inf, inc)
+        before = 0 if previous is None else previous.num_steps
+        moved = particles.num_steps == before + 1
+        ratio = jnp.where(moved & self.correct_proposal, particles.step_logprob - particles.step_logq, 0.0)
+        return jnp.where(self.weighting_code == WEIGHTINGS.index("puri"), puri, twisted) + ratio
+
+    def log_transition(self, t, previous, particles):
+        """log M_t(x_{t−1} → x_t) pairwise: the step's log-probability under the sampling law when
+        ``particles`` extends ``previous`` by one step (same tokens up to the previous length),
+        0 when ``previous`` is finished and ``particles`` equals it, else −∞."""
+        prev_len = previous.lm.lengths
+        ref_len = particles.lm.lengths
+        pos = jnp.arange(previous.lm.tokens.shape[1])
+        same = jnp.all(jnp.where(pos[None, :] < prev_len[:, None],
+                                 previous.lm.tokens == particles.lm.tokens, True), axis=1)
+        extends = (~previous.done & same & (particles.num_steps == previous.num_steps + 1)
+                   & (prev_len == ref_len - particles.step_tokens))
+        stays = (same & particles.done & (particles.num_steps == previous.num_steps)
+                 & (prev_len == ref_len))
+        return jnp.where(previous.done, jnp.where(stays, 0.0, -jnp.inf),
+                         jnp.where(extends, particles.step_logq, -jnp.inf))
+
+    def done(self, particles):
+        return particles.done & (~self.reweight_finished | jnp.all(particles.done))
+
+    def adapt(self, t, particles, log_weights):
+        moved = particles.num_steps == t + 1
+        tokens = jnp.sum(jnp.where(moved, particles.step_tokens, 0))
+        calls = jnp.sum(moved & particles.scored)
+        return eqx.tree_at(
+            lambda m: (m.tokens_generated, m.reward_calls),
+            self,
+            (self.tokens_generated + tokens.astype(jnp.int32), self.reward_calls + calls.astype(jnp.int32)),
+        )
+
+    # ---------------------------------------------------------------------------------- search
+    def score(self, particles: LLMParticle) -> Float[Array, " N"]:
+        """log R_t of every particle (scored now when ``score_steps=False``: one reward call per
+        particle)."""
+        if self.score_steps:
+            return particles.log_reward
+        prev = particles.lm.lengths - particles.step_tokens
+        return self.reward.log_score(self.lm, particles.reward, particles.lm, prev, particles.done,
+                                     jnp.ones_like(particles.done))
+
+    def answer(self, particles: LLMParticle) -> Int[Array, " N"]:
+        """Integer answer ids (equal answers, equal ids)."""
+        s = particles.lm
+        if self.answer_ids_fn is not None:
+            return jnp.asarray(self.answer_ids_fn(s.tokens, s.lengths, s.prompt_lengths), jnp.int32)
+        return host_rows(_answer_row, np.int32, self.answer_fn_id, s.tokens, s.prompt_lengths, s.lengths)
+
+    def num_tokens(self, particles: LLMParticle) -> Int[Array, " N"]:
+        """Generated tokens (prompt excluded)."""
+        return (particles.lm.lengths - particles.lm.prompt_lengths).astype(jnp.int32)
+
+    # ---------------------------------------------------------------------------------- paths
+    def path(self, particle: LLMParticle) -> LLMParticle:
+        """The trajectory x_0, ..., x_{S−1} (S = ``max_steps``) of one particle (leaves without the
+        particle axis), rebuilt from its final state: x_t is the particle after step t+1, and after
+        its last step the finished state repeats (absorption). The reference of conditional SMC."""
+        p = particle
+        s = self.max_steps
+        ts = jnp.arange(s)
+        total = jnp.maximum(p.num_steps, 1)
+        idx = jnp.minimum(ts, total - 1)
+        lengths = p.hist_lengths[idx]
+        prompt_len = p.lm.prompt_lengths
+        before = jnp.where(idx > 0, p.hist_lengths[jnp.maximum(idx - 1, 0)], prompt_len)
+        done = p.done & (ts >= total - 1)
+        lm = self.lm.rewind(p.lm, lengths)
+        lm = lm._replace(done=lm.done | done)
+        reward = self.reward.rewind(self.lm, p.reward, prompt_len, lengths)
+        upto = jnp.arange(s)[None, :] <= idx[:, None]
+
+        def hist(h):
+            return jnp.where(upto, h[None, :], jnp.zeros((), h.dtype))
+
+        return LLMParticle(
+            lm=lm,
+            reward=reward,
+            num_steps=(idx + 1).astype(jnp.int32),
+            done=done,
+            step_tokens=(lengths - before).astype(jnp.int32),
+            step_logprob=p.hist_logprob[idx],
+            step_logq=p.hist_logq[idx],
+            scored=p.hist_scored[idx],
+            log_step_reward=p.hist_log_step_reward[idx],
+            log_reward=p.hist_log_reward[idx],
+            hist_lengths=hist(p.hist_lengths),
+            hist_log_reward=hist(p.hist_log_reward),
+            hist_log_step_reward=hist(p.hist_log_step_reward),
+            hist_logprob=hist(p.hist_logprob),
+            hist_logq=hist(p.hist_logq),
+            hist_scored=hist(p.hist_scored),
+        )
+
+    # ---------------------------------------------------------------------------------- host
+    def completions(self, particles: LLMParticle) -> list[list[int]]:
+        """Host: the generated token ids of every particle."""
+        toks = np.asarray(particles.lm.tokens)
+        p, n = np.asarray(particles.lm.prompt_lengths), np.asarray(particles.lm.lengths)
+        return [toks[i, p[i]: n[i]].tolist() for i in range(toks.shape[0])]
+
+    def answers(self, particles: LLMParticle) -> list[Hashable]:
+        """Host: the canonical answer of every particle (``answer_fn``; with ``answer_ids_fn``,
+        the integer ids)."""
+        if self.answer_fn_id is None:
+            return [int(a) for a in np.asarray(self.answer(particles))]
+        fn = host_fn(self.answer_fn_id)
+        return [fn(ids) for ids in self.completions(particles)]

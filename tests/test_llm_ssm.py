@@ -1,0 +1,637 @@
+"""The LLM state-space model (models.llm.ssm) on the Markov-chain LM, against exact answers.
+
+The Markov LM of models.markov_lm (5 tokens, 5461 complete sequences) is run through the generic
+step-LM adapter (MarkovStepLM) with a token-level reward model, and every number is compared with
+an exact reference computed here in float64 NumPy by enumerating the sequences and their step
+segmentation (independent of the JAX code), and with the forward recursion of
+models.markov_lm_exact:
+
+- particle filtering (``samplers.smc`` itself): E[Ẑ/Z] = 1 and the answer law, for the twisted
+  weighting with the aggregations last / product / min, and the puri weighting, which is shown to
+  target a *different* law (its own exact product-of-rewards target) than the twisted posterior;
+- the compute counters (tokens, reward calls) against counts taken from the stored genealogy;
+- particle Gibbs (with ancestor sampling) and parallel-tempering particle Gibbs leave the exact
+  tempered posteriors invariant: chains started from exact draws stay exact.
+
+Tolerances come from the Monte Carlo error (z = 4, Bonferroni over cells), and each check has a
+companion that breaks the algorithm (a non-telescoping potential, unpinned references, swaps
+always accepted) and asserts that the same check rejects it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import samplers.parallel_tempering as pt
+from models.llm.rewards import ProgrammaticStepVerifier, TokenPairReward
+from models.llm.ssm import AGGREGATIONS, PURI_LINKS, WEIGHTINGS, LLMFeynmanKac
+from models.llm.step_lm import MarkovStepLM
+from models.markov_lm import MarkovLMFeynmanKac, token_constraint, toy_reasoning_model
+from models.markov_lm_exact import enumerate_sequences, forward_answer_posterior
+from samplers.smc import smc
+
+Z_SCORE = 4.0
+ALPHA = 2 * scipy.stats.norm.sf(Z_SCORE)
+EOS, DOT = 4, 3
+BETA = 2.0  # inverse temperature of the potential (τ = 0.5)
+K_ANSWERS = 4  # answers a, b, c, '.' (the last non-EOS token)
+R_RUNS, N_PF = 192, 64
+
+# reward: each 'b' costs a factor 0.7, 'b b' is forbidden, final answers a/b/c/'.' score .5/.2/.9/.3
+PHI = np.zeros((5, 5))
+PHI[:, 1] += np.log(0.7)
+PHI[1, 1] = -np.inf
+PSI = np.log([0.5, 0.2, 0.9, 0.3, 1.0])
+
+
+def last_answer(tokens, lengths, prompt_lengths=None):
+    """Last non-EOS token (jnp, batched)."""
+    idx = jnp.maximum(lengths - 1, 0)
+    last = jnp.take_along_axis(tokens, idx[:, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(tokens, jnp.maximum(idx - 1, 0)[:, None], axis=1)[:, 0]
+    return jnp.where(last == EOS, before, last).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact references (float64 NumPy)
+# ------------------------------------------------------------------------------------------------
+
+
+def _segments(row, n, p=1, cap=3):
+    """Lengths after each step (delimiter/EOS ends a step, at most ``cap`` tokens per step)."""
+    ends, count, stop = [], 0, True
+    for j in range(p, n):
+        if stop or count == cap:
+            if j > p:
+                ends.append(j)
+            count = 0
+        count += 1
+        stop = row[j] in (DOT, EOS)
+    ends.append(n)
+    return ends
+
+
+class Exact:
+    """Every complete sequence with its prior, answer and per-step rewards."""
+
+    def __init__(self):
+        toy = toy_reasoning_model(proposal=True)
+        states = enumerate_sequences(toy)
+        tok, length = states.tokens.astype(np.int64), states.length.astype(np.int64)
+        log_p_tab = np.asarray(toy.lm.log_probs, np.float64)
+        log_q_tab = np.asarray(toy.proposal.log_probs, np.float64)
+        self.num = len(length)
+        self.log_prior = np.zeros(self.num)
+        self.log_proposal = np.zeros(self.num)
+        self.answer = np.zeros(self.num, np.int64)
+        self.prefix = []  # log r̂ of each prefix (finished flag on the last one)
+        self.step = []  # log r̂ of each step alone
+        with np.errstate(invalid="ignore"):
+            for s in range(self.num):
+                row, n = tok[s], length[s]
+                self.log_prior[s] = sum(log_p_tab[row[j - 1], row[j]] for j in range(1, n))
+                self.log_proposal[s] = sum(log_q_tab[row[j - 1], row[j]] for j in range(1, n))
+                last = row[n - 1]
+                self.answer[s] = row[n - 2] if last == EOS else last
+                ends = _segments(row, n)
+                pre, st, lo = [], [], 1
+                for t, e in enumerate(ends):
+                    fin = t == len(ends) - 1
+                    bonus = PSI[self.answer[s]] if fin else 0.0
+                    pre.append(sum(PHI[row[j - 1], row[j]] for j in range(1, e)) + bonus)
+                    st.append(sum(PHI[row[j - 1], row[j]] for j in range(lo, e)) + bonus)
+                    lo = e
+                self.prefix.append(np.array(pre))
+                self.step.append(np.array(st))
+
+    def law(self, log_potential, base=None):
+        """(log Z, answer law) of the target base(x) exp(log_potential(x)), base = the LM p or
+        the proposal q."""
+        lt = (self.log_prior if base is None else base) + log_potential
+        m = np.max(lt)
+        w = np.exp(lt - m)
+        z = w.sum()
+        return float(np.log(z) + m), np.bincount(self.answer, weights=w / z, minlength=K_ANSWERS)
+
+    def twisted(self, beta):
+        return self.law(beta * np.array([p[-1] for p in self.prefix]))
+
+    def minimum(self, beta):
+        return self.law(beta * np.array([np.min(s) for s in self.step]))
+
+    def puri(self, beta, link, base=None):
+        def f(lr):
+            r = np.clip(np.exp(lr), 1e-7, 1 - 1e-7)
+            return {"logit": np.log(r) - np.log1p(-r), "log": lr, "identity": np.exp(lr)}[link]
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.law(beta * np.array([np.sum(f(p)) for p in self.prefix]), base)
+
+
+@pytest.fixture(scope="module")
+def exact():
+    return Exact()
+
+
+def _build(proposal: bool):
+    toy = toy_reasoning_model(proposal=proposal)
+    return LLMFeynmanKac.build(
+        MarkovStepLM(toy.lm, toy.proposal), [DOT], TokenPairReward(PHI, PSI), max_steps=6,
+        max_step_tokens=3, max_new_tokens=6, temperature=1.0 / BETA, answer_ids_fn=last_answer,
+    )
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    """Steps drawn from the LM itself (particle Gibbs tests)."""
+    return _build(proposal=False)
+
+
+@pytest.fixture(scope="module")
+def pf_model():
+    """Steps drawn from a flatter proposal q (particle filter tests: twisted weights carry p/q)."""
+    return _build(proposal=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# checks (shared by the real tests and their broken companions)
+# ------------------------------------------------------------------------------------------------
+
+
+def evidence_check(log_z_hat, log_z, z=Z_SCORE):
+    """E[Ẑ/Z] = 1: |mean − 1| ≤ z · sd/√R over R independent runs."""
+    ratio = np.exp(np.asarray(log_z_hat, np.float64) - log_z)
+    mean, se = ratio.mean(), ratio.std(ddof=1) / np.sqrt(ratio.size)
+    return bool(abs(mean - 1.0) <= z * se), mean, se
+
+
+def posterior_check(log_z_hat, log_w, answers, exact_probs, z=Z_SCORE):
+    """Pooled SMC answer law vs the exact one, in total variation.
+
+    Runs are pooled with weights Ẑ_r (E[Ẑ_r Σ_i W_r^i 1{a_r^i ∈ S}] = Z π(S), unbiasedness of the
+    unnormalised particle measure), a ratio of means of R i.i.d. terms with a delta-method standard
+    error se(S) (floored by the error of R·N exact draws). TV(π̂, π) = max_S |π̂(S) − π(S)|, so we
+    assert |π̂(S) − π(S)| ≤ z' se(S) for every answer set S, z' the two-sided normal quantile at
+    α / 2^(K−1) (Bonferroni over the set pairs S, S^c). Returns (ok, TV, TV bound, estimate)."""
+    k = exact_probs.shape[0]
+    r, n = np.shape(log_w)
+    w = np.exp(np.asarray(log_w, np.float64))
+    hist = np.zeros((r, k))
+    np.add.at(hist, (np.repeat(np.arange(r), n), np.asarray(answers).reshape(-1)), w.reshape(-1))
+    lz = np.asarray(log_z_hat, np.float64)
+    zr = np.exp(lz - lz.max())
+    est = (zr[:, None] * hist).sum(0) / zr.sum()
+    resid = zr[:, None] * (hist - est) / zr.mean()
+    sets = np.array(list(itertools.product([0.0, 1.0], repeat=k)))[1:-1]
+    p_set = np.clip(sets @ exact_probs, 0.0, 1.0)
+    se = np.maximum((resid @ sets.T).std(axis=0, ddof=1) / np.sqrt(r),
+                    np.sqrt(p_set * (1 - p_set) / (r * n)))
+    z_set = scipy.stats.norm.isf(2 * scipy.stats.norm.sf(z) / 2 / 2 ** (k - 1))
+    dev = np.abs(sets @ (est - exact_probs))
+    tv = 0.5 * np.abs(est - exact_probs).sum()
+    return bool(np.all(dev <= z_set * se + 1e-6)), tv, float(np.max(z_set * se)), est
+
+
+def draws_check(samples, probs, z=Z_SCORE):
+    """Exact draws: multinomial frequencies of [C, M] samples vs probs [C, K], every cell within
+    z' sqrt(p(1−p)/M), z' Bonferroni-corrected over the C·K cells. Returns (ok, max |dev|/se)."""
+    c, k = probs.shape
+    m = samples.shape[1]
+    freq = np.stack([np.bincount(samples[i], minlength=k)[:k] / m for i in range(c)])
+    se = np.sqrt(probs * (1 - probs) / m)
+    z_cell = scipy.stats.norm.isf(2 * scipy.stats.norm.sf(z) / 2 / (c * k))
+    dev = np.abs(freq - probs)
+    return bool(np.all(dev <= z_cell * se + 1e-12)), float(np.max(dev / np.maximum(se, 1e-300)))
+
+
+# ------------------------------------------------------------------------------------------------
+# exact references agree with the forward recursion
+# ------------------------------------------------------------------------------------------------
+
+
+def test_exact_reference_matches_forward_recursion(exact):
+    """The twisted target p(x) R(x)^β of the reward is a Markov-LM constraint (β φ, β ψ): its log Z
+    and answer law by the forward recursion equal our enumeration; the product of step rewards is
+    the prefix reward (aggregation 'product' targets the same law)."""
+    toy = toy_reasoning_model()
+    c = token_constraint(5, pair_log_potential=BETA * PHI, answer_log_reward=BETA * PSI)
+    mlm = MarkovLMFeynmanKac(lm=toy.lm, constraint=c, prompt=toy.prompt, max_length=7,
+                             max_step_tokens=3)
+    log_z_fwd, ans_fwd = forward_answer_posterior(mlm)
+    log_z, ans = exact.twisted(BETA)
+    assert exact.num == 5461
+    np.testing.assert_allclose(log_z, log_z_fwd, atol=1e-10)
+    np.testing.assert_allclose(ans, ans_fwd[:K_ANSWERS], atol=1e-12)
+    with np.errstate(invalid="ignore"):
+        for pre, st in zip(exact.prefix, exact.step):
+            assert pre[-1] == pytest.approx(np.sum(st)) or (pre[-1] == -np.inf and np.sum(st) == -np.inf)
+    # the biased target of puri differs from the twisted posterior
+    _, puri = exact.puri(BETA, "logit")
+    assert 0.5 * np.abs(puri - ans).sum() > 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# particle filtering: every weighting mode in one compiled call
+# ------------------------------------------------------------------------------------------------
+
+# (weighting, aggregation, puri link, per-step reward, p/q correction); steps are drawn from q
+CONFIGS = {
+    "twisted_last": ("twisted", "last", "logit", False, True),
+    "twisted_product": ("twisted", "product", "logit", True, True),
+    "twisted_min": ("twisted", "min", "logit", True, True),
+    "puri_logit": ("puri", "last", "logit", False, False),
+    "broken_no_ratio": ("puri", "last", "log", False, True),  # R_t^β, not R_t^β / R_{t-1}^β
+    "broken_no_correction": ("twisted", "last", "logit", False, False),  # targets q R^β
+}
+
+
+def _codes():
+    cols = list(zip(*CONFIGS.values()))
+    return (jnp.asarray([WEIGHTINGS.index(w) for w in cols[0]], jnp.int32),
+            jnp.asarray([AGGREGATIONS.index(a) for a in cols[1]], jnp.int32),
+            jnp.asarray([PURI_LINKS.index(x) for x in cols[2]], jnp.int32),
+            jnp.asarray(cols[3]), jnp.asarray(cols[4]))
+
+
+def _configured(model, code):
+    w, a, link, per_step, correct = code
+    return eqx.tree_at(
+        lambda m: (m.weighting_code, m.aggregation_code, m.link_code, m.reward.per_step,
+                   m.correct_proposal),
+        model, (w, a, link, per_step, correct))
+
+
+@eqx.filter_jit
+def _pf_many(model, codes, keys):
+    def per_config(code, ks):
+        m = _configured(model, code)
+
+        def one(k):
+            res = smc(k, m, N_PF, resampling="systematic", ess_threshold=0.5,
+                      max_steps=m.max_steps, store_history=True)
+            h = res.history
+            # independent compute count: growth of every particle over its ancestor, every step
+            prev_len = jnp.take_along_axis(h.particles.lm.lengths[:-1], h.ancestors[1:], axis=1)
+            grown = h.particles.lm.lengths[1:] - prev_len
+            valid = jnp.arange(1, m.max_steps) < res.num_steps
+            first = h.particles.lm.lengths[0] - m.prompt_state.lengths[0]
+            tokens = jnp.sum(first) + jnp.sum(jnp.where(valid[:, None], grown, 0))
+            calls = N_PF + jnp.sum(jnp.where(valid[:, None], grown > 0, False))
+            return dict(log_z=res.log_evidence, log_w=res.log_weights,
+                        answer=m.answer(res.particles), done=res.particles.done,
+                        extinct=res.extinct, nan=res.num_nan_potentials,
+                        tokens=res.model.tokens_generated, calls=res.model.reward_calls,
+                        tokens_hist=tokens, calls_hist=calls)
+
+        return jax.vmap(one)(ks)
+
+    return jax.vmap(per_config)(codes, keys)
+
+
+@pytest.fixture(scope="module")
+def pf_runs(pf_model):
+    keys = jax.random.split(jax.random.key(7), len(CONFIGS) * R_RUNS).reshape(len(CONFIGS), R_RUNS)
+    out = jax.tree.map(np.asarray, _pf_many(pf_model, _codes(), keys))
+    return {name: jax.tree.map(lambda x, i=i: x[i], out) for i, name in enumerate(CONFIGS)}
+
+
+def _sane(run):
+    assert run["done"].all() and not run["extinct"].any() and run["nan"].sum() == 0
+
+
+def test_pf_twisted_evidence_and_posterior(pf_runs, exact):
+    """Twisted weighting with steps drawn from a proposal q and weights carrying p/q, aggregation
+    'last' (prefix reward) and 'product' (step rewards): unbiased Ẑ of Z = E_p[R^β] (forward
+    recursion) and the exact answer posterior; 'min' against its own enumerated target
+    p(x) min_t r̂_t^β."""
+    targets = {"twisted_last": exact.twisted(BETA), "twisted_product": exact.twisted(BETA),
+               "twisted_min": exact.minimum(BETA)}
+    for name, (log_z, probs) in targets.items():
+        run = pf_runs[name]
+        _sane(run)
+        ok, mean, se = evidence_check(run["log_z"], log_z)
+        assert ok, f"{name}: E[Ẑ/Z] = {mean:.4f} ± {se:.4f}"
+        ok, tv, bound, est = posterior_check(run["log_z"], run["log_w"], run["answer"], probs)
+        assert ok, f"{name}: TV {tv:.4f} > bound {bound:.4f} (est {est}, exact {probs})"
+
+
+def test_pf_check_rejects_broken_weights(pf_runs, exact):
+    """Broken: potentials R_t^β instead of R_t^β / R_{t−1}^β (reward counted again at every step),
+    or twisted weights without the p/q correction: the checks against Z and π reject them."""
+    log_z, probs = exact.twisted(BETA)
+    for name in ("broken_no_ratio", "broken_no_correction"):
+        run = pf_runs[name]
+        _sane(run)
+        ok, mean, se = evidence_check(run["log_z"], log_z)
+        assert not ok, f"{name}: E[Ẑ/Z] = {mean:.4f} ± {se:.4f} should be rejected"
+    run = pf_runs["broken_no_correction"]
+    ok, tv, bound, _ = posterior_check(run["log_z"], run["log_w"], run["answer"], probs)
+    assert not ok, f"uncorrected proposal: TV {tv:.4f} within {bound:.4f}"
+
+
+def test_pf_puri_targets_a_different_biased_law(pf_runs, exact):
+    """puri (resample ∝ logit-reward^β every step, as the paper's code): its particles follow its
+    own exact target p(x) ∏_t f(R_t)^β, which the posterior check against the twisted posterior
+    p(x) R(x)^β rejects. (Its Ẑ estimates the normaliser of that product, here e^149 from
+    logit(1 − 1e-7)-sized potentials: too heavy-tailed for a CLT check with 192 runs.)"""
+    run = pf_runs["puri_logit"]
+    _sane(run)
+    _, probs_p = exact.puri(BETA, "logit", base=exact.log_proposal)  # steps drawn from q
+    ok, tv, bound, _ = posterior_check(run["log_z"], run["log_w"], run["answer"], probs_p)
+    assert ok, f"puri vs its own target: TV {tv:.4f} > {bound:.4f}"
+    ok, tv, bound, _ = posterior_check(run["log_z"], run["log_w"], run["answer"],
+                                       exact.twisted(BETA)[1])
+    assert not ok and tv > 0.1, f"puri vs the twisted posterior: TV {tv:.4f} (bound {bound:.4f})"
+
+
+def test_compute_counters_match_genealogy(pf_runs):
+    """Tokens generated and reward calls (the model's adaptive counters) equal counts taken from the
+    stored genealogy: each step, every particle's growth over its ancestor, resampled-away particles
+    included."""
+    for name, run in pf_runs.items():
+        np.testing.assert_array_equal(run["tokens"], run["tokens_hist"], err_msg=name)
+        np.testing.assert_array_equal(run["calls"], run["calls_hist"], err_msg=name)
+        assert run["tokens"].min() >= N_PF
+
+
+# ------------------------------------------------------------------------------------------------
+# particle Gibbs and parallel tempering: invariance of the exact tempered posteriors
+# ------------------------------------------------------------------------------------------------
+
+REPS, POOL, N_PG = 1024, 96, 4
+
+
+def _temper(model, beta):
+    return model.with_inv_temperature(beta)
+
+
+def _path(model, particle):
+    return model.path(particle)
+
+
+def _record_answer(path):
+    return last_answer(path.lm.tokens[-1:], path.lm.lengths[-1:])[0]
+
+
+def _record_answer_broken(path):  # same record, a distinct function: a separate compilation
+    return last_answer(path.lm.tokens[-1:], path.lm.lengths[-1:])[0]
+
+
+def _exact_draws(model, key, betas, reps, pool):
+    """reps × C exact draws of π_c ∝ p R^{β_c}: rejection sampling from the LM (rollouts of the
+    model itself), accepting with probability R^{β_c} ≤ 1. Returns paths [reps, C, T, ...] and
+    whether every (rep, chain) accepted one of its ``pool`` proposals."""
+    c = betas.shape[0]
+    k_roll, k_u = jax.random.split(key)
+
+    def rollout(k):
+        k0, k1 = jax.random.split(k)
+        p = model.init(k0, pool)
+        p = jax.lax.fori_loop(1, model.max_steps,
+                              lambda t, x: model.move(jax.random.fold_in(k1, t), t, x), p)
+        return p
+
+    finals = jax.vmap(rollout)(jax.random.split(k_roll, reps * c))  # [reps*c, pool]
+    beta = jnp.tile(betas, reps)
+    u = jax.random.uniform(k_u, (reps * c, pool))
+    accept = finals.done & (jnp.log(u) < beta[:, None] * finals.log_reward)
+    idx = jnp.argmax(accept, axis=1)
+    chosen = jax.tree.map(lambda x: x[jnp.arange(reps * c), idx], finals)
+    paths = jax.vmap(model.path)(chosen)
+    paths = jax.tree.map(lambda x: x.reshape((reps, c) + x.shape[1:]), paths)
+    return paths, jnp.all(jnp.any(accept, axis=1))
+
+
+@eqx.filter_jit
+def _draws_jit(model, betas, key):
+    paths, all_accepted = _exact_draws(model, key, betas, REPS, POOL)
+    start = jax.vmap(jax.vmap(_record_answer))(paths)
+    lm = paths.lm  # path(final) repeats the final state; earlier steps are prefixes of it
+    prefix_ok = jnp.all(jnp.where(jnp.arange(lm.tokens.shape[-1]) < lm.lengths[..., None],
+                                  lm.tokens == lm.tokens[:, :, -1:, :], True))
+    return paths, start, all_accepted, prefix_ok
+
+
+@eqx.filter_jit
+def _pg_invariance(model, betas, paths, key, *, iterations, ancestor_sampling, swap, record_fn,
+                   log_target=None):
+    def one(k, p):
+        return pt.parallel_tempering_pg(
+            k, model, betas, p, N_PG, iterations, tempered=_temper, path_fn=_path,
+            ancestor_sampling=ancestor_sampling, max_steps=model.max_steps, swap=swap,
+            record_fn=record_fn, log_target=log_target)
+
+    out = jax.vmap(one)(jax.random.split(key, REPS), paths)
+    return dict(end=out.records[:, -1], accepted=out.swap_accepted, proposed=out.swap_proposed,
+                extinct=out.num_extinct)
+
+
+PT_BETAS = (BETA, BETA / 2, BETA / 4)
+
+
+@pytest.fixture(scope="module")
+def exact_pt(exact):
+    return np.stack([exact.twisted(b)[1] for b in PT_BETAS])
+
+
+@pytest.fixture(scope="module")
+def draws(base_model):
+    """REPS exact draws of each tempered posterior (chains of PT_BETAS), as reference paths."""
+    paths, start, all_accepted, prefix_ok = _draws_jit(base_model, jnp.asarray(PT_BETAS),
+                                                       jax.random.key(10))
+    return paths, np.asarray(start), bool(all_accepted), bool(prefix_ok)
+
+
+def _cold(paths):
+    return jax.tree.map(lambda x: x[:, :1], paths)
+
+
+def test_exact_draws(draws, exact_pt):
+    """The starting draws (rejection sampling from the model's own rollouts) are exact."""
+    _, start, all_accepted, prefix_ok = draws
+    assert all_accepted and prefix_ok
+    ok, worst = draws_check(start.T, exact_pt)
+    assert ok, f"initial draws not exact ({worst:.2f} se)"
+
+
+@pytest.fixture(scope="module")
+def ptpg_run(base_model, draws):
+    out = _pg_invariance(base_model, jnp.asarray(PT_BETAS), draws[0], jax.random.key(11),
+                         iterations=2, ancestor_sampling=False, swap=True, record_fn=_record_answer)
+    return jax.tree.map(np.asarray, out)
+
+
+def test_ptpg_leaves_tempered_posteriors_invariant(ptpg_run, exact_pt):
+    """Three chains at β, β/2, β/4 started from exact draws: after two sweeps with neighbour swaps
+    every chain's answers are still exact draws of its tempered posterior."""
+    r = ptpg_run
+    assert r["extinct"].sum() == 0
+    ok, worst = draws_check(r["end"].T, exact_pt)
+    assert ok, f"PT-PG does not preserve the tempered posteriors ({worst:.2f} se)"
+    rate = r["accepted"].sum((0, 1)) / r["proposed"].sum((0, 1))
+    assert np.all(rate > 0.2) and np.all(rate < 1.0), rate
+
+
+def test_ptpg_check_rejects_always_accepted_swaps(base_model, draws, exact_pt):
+    """Broken: swaps accepted without the Metropolis test; the hot chains' draws leak into the
+    cold chain and the invariance check rejects it."""
+    out = _pg_invariance(base_model, jnp.asarray(PT_BETAS), draws[0], jax.random.key(12),
+                         iterations=2, ancestor_sampling=False, swap=True,
+                         record_fn=_record_answer_broken, log_target=_zero_log_target)
+    ok, worst = draws_check(np.asarray(out["end"]).T, exact_pt)
+    assert not ok, f"always-accepted swaps not detected ({worst:.2f} se)"
+
+
+def _zero_log_target(model, path):
+    return jnp.zeros(())
+
+
+@pytest.fixture(scope="module")
+def pgas_run(base_model, draws):
+    out = _pg_invariance(base_model, jnp.asarray([BETA]), _cold(draws[0]), jax.random.key(13),
+                         iterations=2, ancestor_sampling=True, swap=False, record_fn=_record_answer)
+    return jax.tree.map(np.asarray, out)
+
+
+def test_pgas_leaves_posterior_invariant(pgas_run, exact):
+    """Particle Gibbs with ancestor sampling (N = 4 particles): exact draws stay exact."""
+    r = pgas_run
+    assert r["extinct"].sum() == 0
+    ok, worst = draws_check(r["end"].T, exact.twisted(BETA)[1][None])
+    assert ok, f"PGAS does not preserve the posterior ({worst:.2f} se)"
+
+
+def test_pg_check_rejects_unpinned_reference(base_model, draws, exact, monkeypatch):
+    """Broken: the reference is not pinned (plain SMC, a draw ∝ W_T): the sweep's output follows
+    the biased law of a 4-particle filter, and the invariance check rejects it."""
+    real_smc = pt.smc
+
+    def unpinned(key, model, n, **kw):
+        kw.pop("reference", None)
+        kw.pop("ancestor_sampling", None)
+        return real_smc(key, model, n, **kw)
+
+    monkeypatch.setattr(pt, "smc", unpinned)
+    out = _pg_invariance(base_model, jnp.asarray([BETA]), _cold(draws[0]), jax.random.key(14),
+                         iterations=2, ancestor_sampling=False, swap=False,
+                         record_fn=_record_answer_broken)
+    ok, worst = draws_check(np.asarray(out["end"]).T, exact.twisted(BETA)[1][None])
+    assert not ok, f"unpinned reference not detected ({worst:.2f} se)"
+
+
+def _temper_constraint(model, beta):
+    c = model.constraint
+    return eqx.tree_at(lambda m: (m.constraint.log_pair, m.constraint.log_final), model,
+                       (beta * c.log_pair, beta * c.log_final))
+
+
+def _record_markov(path):
+    last = jax.tree.map(lambda x: x[-1:], path)
+    return last_answer(last.tokens, last.length)[0]
+
+
+@eqx.filter_jit
+def _generic_pt(model, betas, paths, key):
+    def one(k, p):
+        return pt.parallel_tempering_pg(k, model, betas, p, N_PG, 2, tempered=_temper_constraint,
+                                        max_steps=model.max_num_steps, record_fn=_record_markov)
+
+    out = jax.vmap(one)(jax.random.split(key, paths.tokens.shape[0]), paths)
+    return out.records[:, -1]
+
+
+@pytest.mark.slow
+def test_ptpg_generic_on_markov_feynman_kac_model():
+    """The generic path (no ``path_fn``: genealogy of ``samplers.particle_gibbs.csmc_kernel``) on
+    the original MarkovLMFeynmanKac, chains tempering its constraint potentials: exact draws of
+    every tempered posterior stay exact."""
+    from models.markov_lm import segment_trajectory
+    from models.markov_lm_exact import exact_posterior
+
+    toy = toy_reasoning_model()
+    betas = (1.0, 0.5)
+    rng = np.random.default_rng(0)
+    reps = 512
+    start, probs = [], []
+    for b in betas:
+        ex = exact_posterior(_temper_constraint(toy, b))
+        probs.append(np.bincount(np.asarray(toy.answer(jax.tree.map(jnp.asarray, ex.states))),
+                                 weights=ex.probs, minlength=5)[:K_ANSWERS])
+        start.append(rng.choice(ex.probs.size, size=reps, p=ex.probs / ex.probs.sum()))
+    states = jax.tree.map(jnp.asarray, ex.states)  # same enumeration order for every β
+    idx = jnp.asarray(np.stack(start, 1))  # [reps, C]
+    finals = jax.tree.map(lambda x: x[idx], states)
+    paths = jax.vmap(jax.vmap(lambda s: segment_trajectory(toy, s, toy.max_num_steps)))(finals)
+    end = np.asarray(_generic_pt(toy, jnp.asarray(betas), paths, jax.random.key(5)))
+    ok, worst = draws_check(end.T, np.stack(probs))
+    assert ok, f"generic PT-PG does not preserve the tempered posteriors ({worst:.2f} se)"
+
+
+# ------------------------------------------------------------------------------------------------
+# host-side text verifier and deterministic pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def _text_reward(text: str, finished: bool) -> float:
+    """The reward of TokenPairReward(PHI, PSI) computed from the decoded text (prompt '.')."""
+    names = {"a": 0, "b": 1, "c": 2, ".": 3, "<eos>": 4}
+    ids = [DOT] + [names[w] for w in text.split()]
+    log_r = sum(PHI[u, v] for u, v in zip(ids[:-1], ids[1:]))
+    if finished:
+        ans = ids[-2] if ids[-1] == EOS else ids[-1]
+        log_r += PSI[ans]
+    return float(np.exp(log_r))
+
+
+@eqx.filter_jit
+def _both_scores(model_tok, model_txt, key):
+    p = model_tok.init(key, 16)
+    p = model_tok.move(jax.random.fold_in(key, 1), jnp.asarray(1), p)
+    q = model_txt.init(key, 16)
+    q = model_txt.move(jax.random.fold_in(key, 1), jnp.asarray(1), q)
+    return p, q
+
+
+def test_text_verifier_matches_token_verifier(base_model):
+    """A Python verifier on decoded text (jax.pure_callback from the compiled step) gives the same
+    particles and rewards as the table-lookup verifier on token ids."""
+    lm = base_model.lm
+    model_txt = LLMFeynmanKac.build(lm, [DOT], ProgrammaticStepVerifier(_text_reward), max_steps=6,
+                                    max_step_tokens=3, max_new_tokens=6, answer_ids_fn=last_answer)
+    p, q = _both_scores(base_model, model_txt, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(p.lm.tokens), np.asarray(q.lm.tokens))
+    np.testing.assert_allclose(np.asarray(p.log_reward), np.asarray(q.log_reward), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(p.hist_scored), np.asarray(q.hist_scored))
+
+
+def test_done_and_validation(base_model):
+    """Finished particles are absorbing (reweight_finished only for puri: they compete again until
+    all are done); bad options give clear errors."""
+    done = jnp.asarray([True, False])
+    parts = base_model.initial_state(2)._replace(done=done)
+    np.testing.assert_array_equal(np.asarray(base_model.done(parts)), [True, False])
+    paper = base_model.with_options(weighting="puri", reweight_finished=True)
+    np.testing.assert_array_equal(np.asarray(paper.done(parts)), [False, False])
+    assert paper.weighting == "puri" and paper.aggregation == "last"
+    lm = base_model.lm
+    rew = TokenPairReward(PHI, PSI)
+    with pytest.raises(ValueError, match="weighting"):
+        LLMFeynmanKac.build(lm, [DOT], rew, max_steps=6, max_step_tokens=3, weighting="bogus")
+    with pytest.raises(ValueError, match="temperature"):
+        LLMFeynmanKac.build(lm, [DOT], rew, max_steps=6, max_step_tokens=3, temperature=0.0)
+    with pytest.raises(ValueError, match="reweight_finished"):
+        LLMFeynmanKac.build(lm, [DOT], rew, max_steps=6, max_step_tokens=3, reweight_finished=True)
+    with pytest.raises(ValueError, match="prompt"):
+        LLMFeynmanKac.build(lm, [], rew, max_steps=6, max_step_tokens=3)
+    with pytest.raises(ValueError, match="max_steps"):
+        LLMFeynmanKac.build(lm, [DOT], rew, max_steps=0, max_step_tokens=3)
+    with pytest.raises(ValueError, match="score_steps"):
+        LLMFeynmanKac.build(lm, [DOT], rew, max_steps=6, max_step_tokens=3, aggregation="min",
+                            score_steps=False)

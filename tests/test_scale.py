@@ -1,0 +1,254 @@
+"""The scaling experiment (models.llm.scale): the loop, statistics, PF-vs-BoN line, files and CLI.
+
+Fast tests drive the loop with a fake method (no LLM); the smoke test runs the real methods (pf,
+bon from models.llm.methods) end to end on a tiny random Llama with SmolLM2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import types
+
+import numpy as np
+import pytest
+
+from models.llm import scale
+from models.llm.scale import (
+    ScaleConfig,
+    format_table,
+    pf_matching_budget,
+    report,
+    run_experiment,
+    summarize,
+)
+from models.llm.tasks import get_tasks
+
+# ------------------------------------------------------------------------------------------------
+# a fake LM / method: deterministic success probabilities, so accuracies are known exactly
+# ------------------------------------------------------------------------------------------------
+
+
+class _Tok:
+    def apply_chat_template(self, messages):
+        return "<u>" + messages[0]["content"] + "<a>"
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+class _LM:
+    tokenizer = _Tok()
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+# the letter_words family asks for n words starting with a letter: a good completion for task i
+def _good(task) -> str:
+    letter = task.prompt.rstrip(".")[-1]
+    return "".join(f"{'' if i == 0 else f'{i + 1}.'} {letter}{'x' * (i + 2)}\n" for i in range(task.n))
+
+
+def _fake_run(p_success: dict):
+    """run_fn whose success is a deterministic function of (method, budget, key)."""
+    import jax
+
+    def run(method, key, lm, prompt_ids, reward, budget, *, answer_fn, max_steps, max_step_tokens, **kw):
+        assert isinstance(prompt_ids, list) and max_steps >= 2 and max_step_tokens >= 1
+        u = float(jax.random.uniform(jax.random.fold_in(key, budget)))
+        prompt = lm.decode(prompt_ids)
+        task = next(t for t in get_tasks("letter_words") if t.prompt in prompt)
+        text = _good(task) if u < p_success[method](budget) else " nothing"
+        ans = answer_fn(lm.tokenizer.encode(text))
+        # two final candidates; the correct one has the larger weight (pf-argmax always succeeds)
+        cands = [answer_fn(lm.tokenizer.encode(" nothing")), answer_fn(lm.tokenizer.encode(_good(task)))]
+        return types.SimpleNamespace(
+            answer=ans, text=text, all_answers=cands, weights=[0.4, 0.6],
+            compute=types.SimpleNamespace(tokens_generated=budget * 5, reward_calls=budget * 2,
+                                          wall_time_s=0.01, compile_time_s=0.0),
+            log_evidence=0.0)
+
+    return run
+
+
+def test_good_completions_are_correct():
+    for t in get_tasks("letter_words"):
+        assert t.is_correct(_good(t)), _good(t)
+        assert not t.is_correct(" nothing")
+
+
+def test_run_experiment_report_and_resume(tmp_path):
+    cfg = ScaleConfig("letter_words", methods=["pf", "bon"], budgets=[1, 2, 4], seeds=2, num_prompts=3,
+                      output_dir=str(tmp_path))
+    p = {"pf": lambda b: 1.0 if b >= 2 else 0.0, "bon": lambda b: 1.0 if b >= 4 else 0.0}
+    rows = run_experiment(cfg, lm=_LM(), progress=False, run_fn=_fake_run(p))
+    assert len(rows) == 2 * 3 * 3 * 2
+    saved = json.load(open(tmp_path / "results.json"))
+    assert len(saved["rows"]) == len(rows) and saved["config"]["task"] == "letter_words"
+    assert saved["config"]["max_steps_used"] == 4  # longest list (3) + 1
+    out = report(cfg, rows)
+    s = out["summary"]
+    assert s["pf@1"]["accuracy"] == 0.0 and s["pf@2"]["accuracy"] == 1.0 and s["bon@2"]["accuracy"] == 0.0
+    assert s["bon@4"]["tokens_generated"] == 20 and s["bon@4"]["reward_calls"] == 8
+    assert out["match"]["matching_budget"] == 2 and out["match"]["ratio"] == 2.0
+    assert "smallest pf budget reaching it: 2" in out["match_line"]
+    # paired differences pf − bon per budget: 0, +1, 0 on every (prompt, seed)
+    assert {b: v["mean"] for b, v in out["paired"].items()} == {1: 0.0, 2: 1.0, 4: 0.0}
+    assert out["paired"][2]["ci"] == (1.0, 1.0) and out["paired"][2]["n_pairs"] == 6
+    # the highest-weight candidate, judged from the stored candidates
+    assert [s[f"pf-argmax@{b}"]["accuracy"] for b in (1, 2, 4)] == [1.0, 1.0, 1.0]
+    assert rows[0]["candidates_correct"] == [False, True]
+    assert "smallest pf-argmax budget reaching it: 1" in out["match_line"]
+    for name in ("accuracy_vs_budget.png", "table.md", "summary.json"):
+        assert os.path.getsize(tmp_path / name) > 0
+    # resume: nothing left to run (a method that would fail proves it is not called)
+    def boom(*a, **k):
+        raise AssertionError("resume re-ran a finished run")
+
+    again = run_experiment(cfg, lm=_LM(), progress=False, resume=True, run_fn=boom)
+    assert len(again) == len(rows)
+    other = ScaleConfig("letter_words", methods=["pf"], budgets=[1], seeds=1, num_prompts=3,
+                        max_step_tokens=5, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="cannot resume.*max_step_tokens"):
+        run_experiment(other, lm=_LM(), progress=False, resume=True, run_fn=boom)
+
+
+def test_common_random_numbers_across_methods(tmp_path):
+    """Same (seed, prompt) key for every method and budget: identical methods agree run by run."""
+    cfg = ScaleConfig("letter_words", methods=["pf", "bon"], budgets=[2], seeds=3, num_prompts=4,
+                      output_dir=str(tmp_path))
+    half = lambda b: 0.5  # noqa: E731
+    rows = run_experiment(cfg, lm=_LM(), progress=False, run_fn=_fake_run({"pf": half, "bon": half}),
+                          save=False)
+    by = {(r["method"], r["prompt"], r["seed"]): r["correct"] for r in rows}
+    assert all(by[("pf", i, s)] == by[("bon", i, s)] for i in range(4) for s in range(3))
+    assert 0 < np.mean([r["correct"] for r in rows]) < 1
+
+
+def _rows(grid, method="pf", budget=4):
+    """Rows from a [prompts, seeds] 0/1 grid."""
+    return [dict(method=method, budget=budget, prompt=i, seed=s, correct=bool(grid[i][s]),
+                 tokens_generated=1, reward_calls=1, wall_time_s=0.0)
+            for i in range(len(grid)) for s in range(len(grid[0]))]
+
+
+def test_summary_intervals():
+    rng = np.random.default_rng(0)
+    grid = (rng.random((12, 3)) < 0.4).astype(int)
+    s = summarize(_rows(grid))["pf@4"]
+    assert s["accuracy"] == pytest.approx(grid.mean())
+    per_seed = grid.mean(axis=0)
+    assert s["per_seed"] == pytest.approx(per_seed.tolist())
+    # Student t with 2 degrees of freedom: t_{0.975, 2} = 4.303
+    h = 4.303 * per_seed.std(ddof=1) / math.sqrt(3)
+    assert s["ci_seeds"][0] == pytest.approx(max(0, grid.mean() - h), abs=1e-9)
+    assert s["ci_seeds"][1] == pytest.approx(min(1, grid.mean() + h), abs=1e-9)
+    # the bootstrap over prompts is close to the normal interval of the per-prompt means
+    pp = grid.mean(axis=1)
+    se = pp.std(ddof=1) / math.sqrt(len(pp))
+    lo, hi = s["ci_prompts"]
+    assert lo <= grid.mean() <= hi
+    assert abs((hi - lo) - 2 * 1.96 * se) < 0.5 * (2 * 1.96 * se)
+    # one seed: no seed interval
+    one = summarize(_rows(grid[:, :1]))["pf@4"]
+    assert all(math.isnan(x) for x in one["ci_seeds"])
+
+
+def test_t_quantiles_are_exact_or_conservative():
+    stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 200):
+        exact = stats.t.ppf(0.975, df)
+        assert exact - 1e-3 <= scale._t975(df) <= exact * 1.05, df
+
+
+def test_pf_matching_budget():
+    summ = {}
+    for b, a in zip((1, 2, 4, 8), (0.1, 0.3, 0.6, 0.7)):
+        summ[f"pf@{b}"] = dict(method="pf", budget=b, accuracy=a)
+    for b, a in zip((1, 2, 4, 8), (0.1, 0.2, 0.4, 0.55)):
+        summ[f"bon@{b}"] = dict(method="bon", budget=b, accuracy=a)
+    m = pf_matching_budget(summ)
+    assert m["reference_budget"] == 8 and m["matching_budget"] == 4 and m["ratio"] == 2.0
+    summ["bon@8"]["accuracy"] = 0.9  # out of reach
+    m = pf_matching_budget(summ)
+    assert m["matching_budget"] is None and "no pf budget" in scale.matching_line(m)
+    assert not pf_matching_budget({k: v for k, v in summ.items() if k.startswith("pf")})["available"]
+
+
+def test_table_format():
+    rng = np.random.default_rng(1)
+    rows = _rows((rng.random((5, 2)) < 0.5).astype(int), "pf", 2) + _rows(np.ones((5, 2)), "bon", 2)
+    t = format_table(summarize(rows), ["pf", "bon", "sc"], [2, 4])
+    lines = t.splitlines()
+    assert lines[0] == "| method | B=2 | B=4 |" and len(lines) == 5
+    assert lines[3].startswith("| bon | 1.00 ±0.00 [1.00, 1.00] | – |")
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="unknown task"):
+        ScaleConfig("arithmetic")
+    with pytest.raises(ValueError, match="methods must be among"):
+        ScaleConfig("letter_words", methods=["pf", "mcts"])
+    with pytest.raises(ValueError, match="seeds"):
+        ScaleConfig("letter_words", seeds=0)
+    with pytest.raises(ValueError, match="budgets"):
+        scale._int_list("1,x", "--budgets")
+    with pytest.raises(ValueError, match="positive"):
+        scale._int_list("0,2", "--budgets")
+
+
+def test_cli_parser(tmp_path, capsys):
+    # bad budgets: a clear message and exit status 2, nothing run
+    assert scale.main(["--task", "letter_words", "--budgets", "1,two"]) == 2
+    assert "--budgets must be" in capsys.readouterr().err
+    # the sub-command wiring that `ppl scale` uses
+    root = argparse.ArgumentParser(prog="ppl")
+    sub = root.add_subparsers(dest="command")
+    scale.add_scale_parser(sub)
+    args = root.parse_args(["scale", "--task", "closed_set", "--methods", "pf,bon", "--budgets", "1,2",
+                            "--seeds", "1", "--num-prompts", "2", "--output-dir", str(tmp_path),
+                            "--max-steps", "3", "--max-step-tokens", "4"])
+    assert args.func is scale.run_scale
+    assert (args.task, args.methods, args.budgets, args.seeds, args.num_prompts) == (
+        "closed_set", "pf,bon", "1,2", 1, 2)
+    assert (args.max_steps, args.max_step_tokens) == (3, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# smoke test: the real methods on a tiny random transformer
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_real_methods_tiny_model(tmp_path):
+    import jax
+
+    from models.llm import ModelConfig, Sampling, gguf_loader, init_random, smollm2_path
+    from models.llm.step_lm import StepLM
+    from models.llm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf_metadata(gguf_loader.open_gguf(smollm2_path()).metadata)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                      max_position_embeddings=1024, eos_token_ids=tuple(tok.eos_ids))
+    lm = StepLM(init_random(cfg, jax.random.key(0), scale=0.5), tok, tok.token_ids_containing("\n"),
+                None, Sampling(temperature=1.0))
+    sc = ScaleConfig("letter_words", methods=["bon", "pf"], budgets=[1, 2], seeds=1, num_prompts=2,
+                     max_steps=2, max_step_tokens=3, output_dir=str(tmp_path))
+    rows = run_experiment(sc, lm=lm, progress=False)
+    assert len(rows) == 8
+    for r in rows:
+        assert 0 < r["tokens_generated"] <= r["budget"] * 2 * 3
+        assert r["reward_calls"] >= 1
+        assert isinstance(r["correct"], bool) and isinstance(r["text"], str)
+    pf = [r for r in rows if r["method"] == "pf"]
+    assert all(not math.isnan(r["log_evidence"]) for r in pf)
+    out = report(sc, rows)
+    assert set(out["summary"]) == {"bon@1", "bon@2", "pf@1", "pf@2", "pf-argmax@1", "pf-argmax@2"}
+    for r in pf:  # the particle filter's candidates: one per particle, weights sum to 1
+        assert len(r["candidates"]) == len(r["weights"]) == r["budget"]
+        assert abs(sum(r["weights"]) - 1) < 1e-5
+    assert os.path.getsize(tmp_path / "accuracy_vs_budget.png") > 0
