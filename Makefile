@@ -24,8 +24,11 @@ setup: $(VENV)/.installed
 
 setup-test: $(VENV)/.installed-test
 
+DEMO_PROMPT ?= Explain in three sentences what a particle filter does.
+
 demo: setup
 	$(BIN)/python -m models.demo
+	$(BIN)/ppl generate "$(DEMO_PROMPT)" --max-new-tokens 96
 
 test: setup-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -85,18 +85,31 @@ def bench_jax(model, prompt_ids, batch, new_tokens, repeats, gather=False):
                prefill_s=t_prefill, decode_s=t_decode, decode_tok_s=n_tok / t_decode,
                step_ms=1e3 * t_decode / new_tokens)
     if gather:
+        # multinomial resampling of equal weights: ancestors uniform on the batch (≈ 1/e of the
+        # rows die, the most a resampling of even weights kills on average)
         anc = jax.random.randint(jax.random.key(1), (batch,), 0, batch)
-        reorder = decoding.reorder
+        step_s = t_decode / new_tokens
         s2 = jax.tree.map(jnp.copy, st)
-        s2 = jax.block_until_ready(reorder(s2, anc))  # compile
+        s2 = jax.block_until_ready(decoding.reorder(s2, anc))  # compile
         gts = []
-        for _ in range(max(3, repeats)):
+        for _ in range(max(5, repeats)):
             t0 = time.perf_counter()
-            s2 = jax.block_until_ready(reorder(s2, anc))
+            s2 = jax.block_until_ready(decoding.reorder(s2, anc))
             gts.append(time.perf_counter() - t0)
+        # what samplers.smc does for LLM particles: stable ancestors, dead rows overwritten in place
+        s3, used = decoding.resample_state(jax.tree.map(jnp.copy, st), anc)  # compile
+        jax.block_until_ready(s3)
+        its = []
+        for _ in range(max(5, repeats)):
+            t0 = time.perf_counter()
+            s3, used = decoding.resample_state(s3, anc)
+            jax.block_until_ready(s3)
+            its.append(time.perf_counter() - t0)
         cache_mb = st.cache.nbytes() / 2**20
-        res.update(gather_ms=1e3 * min(gts), gather_fraction_of_step=min(gts) / (t_decode / new_tokens),
-                   cache_mb=cache_mb)
+        dead = int(batch - np.unique(np.asarray(anc)).size)
+        res.update(gather_ms=1e3 * min(gts), gather_fraction_of_step=min(gts) / step_s,
+                   inplace_ms=1e3 * min(its), inplace_fraction_of_step=min(its) / step_s,
+                   rows_replaced=dead, cache_mb=cache_mb)
     return res
 
 
@@ -284,7 +297,9 @@ def print_table(rows, llama_cpp, args):
         j, t = r["jax"], r.get("transformers")
         extra = []
         if "gather_ms" in j:
-            extra.append(f"gather {j['gather_ms']:.1f} ms = {100 * j['gather_fraction_of_step']:.1f}% of a step "
+            extra.append(f"plain gather {j['gather_ms']:.1f} ms = {100 * j['gather_fraction_of_step']:.1f}% of a step; "
+                         f"in-place resampling ({j['rows_replaced']}/{r['batch']} rows replaced) "
+                         f"{j['inplace_ms']:.1f} ms = {100 * j['inplace_fraction_of_step']:.1f}% "
                          f"({j['cache_mb']:.0f} MiB cache)")
         if "fraction_of_floor" in j:
             extra.append(f"{100 * j['fraction_of_floor']:.0f}% of bandwidth floor")

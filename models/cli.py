@@ -112,6 +112,7 @@ def _scale_arguments(p: argparse.ArgumentParser) -> None:
 def run_scale(args: argparse.Namespace) -> int:
     from models.llm.scale import run_scale as _run
 
+    _enable_compilation_cache()  # a rerun (or --resume) skips the per-(method, budget) compiles
     return _run(args)
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl.feynman_kac import AbstractFeynmanKac
+from samplers.gather import resample_rows
 from samplers.resampling import AbstractResampling, get_resampling, normalise
 
 __all__ = ["smc", "SMCResult", "SMCHistory"]
@@ -331,10 +332,12 @@ def _smc_jit(
         else:
             # One branch runs: the gathers of particles and weights only happen when resampling.
             def resample(p, lw):
-                a = resampling(k_res, sg_log_w, n)
+                # big particles (LLM KV caches): survivors keep their slots and only the dead
+                # particles' rows are overwritten, in place (samplers.gather)
+                moved_p, a = resample_rows(p, resampling(k_res, sg_log_w, n))
                 lw_a = jnp.take(lw, a)
                 # W = 1/N in value, with the zero-valued term log W_a − sg(log W_a) (see above)
-                return a, _gather(p, a), -log_n + lw_a - jax.lax.stop_gradient(lw_a)
+                return a, moved_p, -log_n + lw_a - jax.lax.stop_gradient(lw_a)
 
             def keep(p, lw):
                 return jnp.arange(n, dtype=jnp.int32), p, lw

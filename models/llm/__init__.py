@@ -16,6 +16,7 @@ from .decoding import (
     pad_prompts,
     prefill,
     reorder,
+    resample_state,
     start,
     vocab_mask,
 )
@@ -31,5 +32,5 @@ __all__ = [
     "DecodeState", "KVCache", "LlamaModel", "ModelConfig", "Sampling", "StepOutput", "Tokenizer",
     "decode_step", "empty_state", "extend", "forward", "forward_logits", "generate_text", "generate_until",
     "generated_tokens", "init_cache", "init_random", "load_gguf", "load_hf", "load_smollm2", "next_token_logprobs",
-    "pad_prompts", "prefill", "reorder", "sample_tokens", "smollm2_path", "start", "to_dtype", "vocab_mask",
+    "pad_prompts", "prefill", "reorder", "resample_state", "sample_tokens", "smollm2_path", "start", "to_dtype", "vocab_mask",
 ]

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from samplers.gather import resample_rows
+
 from .sampling import Sampling, sample_tokens
 from .transformer import KVCache, LlamaModel, cache_nbytes, forward, init_cache
 
@@ -285,6 +287,19 @@ def reorder(state: DecodeState, ancestors: Int[Array, " B"]) -> DecodeState:
     donated: a gather cannot run in place, and XLA's aliased version is several times slower.)
     """
     return jax.tree.map(lambda x: x[ancestors], state)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def resample_state(state: DecodeState, ancestors: Int[Array, " B"]) -> tuple[DecodeState, Int[Array, " B"]]:
+    """Resampling in place: ``(new_state, used)`` with row ``b`` of ``new_state`` = row ``used[b]``.
+
+    ``used`` is ``ancestors`` permuted so that every surviving row keeps its slot
+    (:func:`samplers.gather.stable_ancestors`; particles are exchangeable after resampling, so
+    this is the same resampling law). Only the rows of particles that died are overwritten, in the
+    donated buffers: the cost is (#dead rows / B) of one KV-cache copy, nothing when all survive.
+    ``state`` is consumed (donated). This is what ``samplers.smc`` does for LLM particles.
+    """
+    return resample_rows(state, ancestors)
 
 
 # ----------------------------------------------------------------------------- host-side helpers
