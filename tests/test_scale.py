@@ -215,6 +215,12 @@ def test_cli_parser(tmp_path, capsys):
     assert (args.task, args.methods, args.budgets, args.seeds, args.num_prompts) == (
         "closed_set", "pf,bon", "1,2", 1, 2)
     assert (args.max_steps, args.max_step_tokens) == (3, 4)
+    # the console script `ppl scale` parses the same options (models/cli.py), incl. the pg/ptpg ones
+    from models import cli
+
+    args = cli.build_parser().parse_args(["scale", "--task", "acrostic", "--pg-iterations", "1",
+                                          "--num-chains", "2"])
+    assert (args.command, args.task, args.pg_iterations, args.num_chains) == ("scale", "acrostic", 1, 2)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -530,6 +530,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="final answer of pf / pg / ptpg (default: weighted vote)")
     p.add_argument("--beam-width", type=int, default=None, help="children per beam (beam, dvts)")
     p.add_argument("--pg-iterations", type=int, default=None, help="sweeps of pg / ptpg")
+    p.add_argument("--num-chains", type=int, default=None, help="tempered chains of ptpg (default 4)")
     p.add_argument("--resume", action="store_true", help="skip runs already in results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -541,6 +542,8 @@ def run_scale(args: argparse.Namespace) -> int:
         opts["beam_width"] = args.beam_width
     if getattr(args, "pg_iterations", None) is not None:
         opts["pg_iterations"] = args.pg_iterations
+    if getattr(args, "num_chains", None) is not None:
+        opts["num_chains"] = args.num_chains
     if getattr(args, "reward_temperature", None) is not None:
         if not args.reward_temperature > 0:
             print("error: --reward-temperature must be > 0", file=sys.stderr)
