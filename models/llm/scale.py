@@ -352,7 +352,13 @@ def paired_difference(rows: Sequence[dict], method: str = "pf", reference: str =
 def format_paired(diff: dict, method: str = "pf", reference: str = "bon") -> str:
     if not diff:
         return ""
-    cells = [f"B={b}: {v['mean']:+.2f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]" for b, v in diff.items()]
+    def cell(b, v):
+        lo, hi = v["ci"]
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # one prompt: no interval
+            return f"B={b}: {v['mean']:+.2f} [n/a, one prompt]"
+        return f"B={b}: {v['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+    cells = [cell(b, v) for b, v in diff.items()]
     return f"paired accuracy difference {method} − {reference} (95% t CI over prompts): " + "; ".join(cells)
 
 
