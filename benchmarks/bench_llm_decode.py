@@ -131,7 +131,7 @@ def torch_reference_from(model, config, torch_dtype="float32", device="cpu"):
     def t(x):
         return torch.from_numpy(np.array(jnp.asarray(x, jnp.float32))).to(dt)
 
-    D, nq, nkv, F = c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    nq, nkv, F = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
     sd = {"model.embed_tokens.weight": t(model.embed), "model.norm.weight": t(model.norm)}
     if model.lm_head is not None:
         sd["lm_head.weight"] = t(model.lm_head)

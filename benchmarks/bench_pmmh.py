@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 
+from benchmarks.machine import machine_description  # noqa: E402
 from benchmarks.peer_env import run_in_peer  # noqa: E402
 from models.stochastic_volatility import SVParams, stochastic_volatility  # noqa: E402
 from samplers.pmmh import pmmh  # noqa: E402
@@ -116,19 +116,6 @@ def _fmt(d):
     return "{" + ", ".join(f"{k}: {v:.3f}" for k, v in d.items()) + "}"
 
 
-def _machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-steps", type=int, default=500, help="T (default 500)")
@@ -142,7 +129,7 @@ def main(argv=None):
     _, ys = stochastic_volatility(params).simulate(jax.random.key(0), args.num_steps)
     n = args.num_particles
     load0 = os.getloadavg()
-    print(f"machine: {_machine()}; load average at start {load0[0]:.1f}", flush=True)
+    print(f"machine: {machine_description()}; load average at start {load0[0]:.1f}", flush=True)
     print(f"jax {jax.__version__} ({jax.default_backend()}, float32); T = {args.num_steps}, "
           f"N = {n}; systematic resampling at ESS < {ESS_THRESHOLD} N", flush=True)
 

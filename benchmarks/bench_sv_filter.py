@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
+from benchmarks.machine import machine_description  # noqa: E402
 from benchmarks.peer_env import run_in_peer  # noqa: E402
 from models.stochastic_volatility import SVParams, stochastic_volatility  # noqa: E402
 from samplers.smc import smc  # noqa: E402
@@ -130,19 +130,6 @@ def _agree(ours, peer):
     return abs(mo - mp) <= 4 * se, (mo - mp) / se if se > 0 else float("inf")
 
 
-def _machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-steps", type=int, default=1000, help="T (default 1000)")
@@ -162,7 +149,7 @@ def main(argv=None):
     _, ys = stochastic_volatility(params).simulate(jax.random.key(0), t_len)
     ys_np = np.asarray(ys, np.float64)
     load0 = os.getloadavg()
-    print(f"machine: {_machine()}; load average at start {load0[0]:.1f}", flush=True)
+    print(f"machine: {machine_description()}; load average at start {load0[0]:.1f}", flush=True)
     print(f"jax {jax.__version__} ({jax.default_backend()}, float32); T = {t_len}; "
           f"ESS threshold {ESS_THRESHOLD}; systematic resampling", flush=True)
 
@@ -219,7 +206,7 @@ def main(argv=None):
     print("log Ẑ: mean ± sd over the steady runs; 'agree' = |difference| < 4 standard errors.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, T=t_len, load=[load0, load1], machine=_machine()), f,
+            json.dump(dict(rows=rows, T=t_len, load=[load0, load1], machine=machine_description()), f,
                       indent=1)
 
 

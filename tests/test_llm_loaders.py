@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ def _path(name):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 def test_gguf_round_trip_matches_transformers(qtype):
     """Weights permuted and quantised as llama.cpp's converter does load back to the same model."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = _path(f"tiny-{qtype}.gguf")

@@ -150,12 +150,6 @@ def test_run_method_every_method_on_markov_lm():
 @pytest.mark.slow
 def test_smollm2_particle_filter_with_llm_judge():
     """Smoke: PF with 2 particles and 2 short steps of SmolLM2, judged by SmolLM2 itself."""
-    from models.llm import smollm2_path
-
-    try:
-        smollm2_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
     lm = StepLM.from_smollm2(delimiter="\n")
     prompt = lm.tokenizer.encode_chat("List two fruits, one per line.")
     res = run_method("pf", jax.random.key(0), lm, prompt, LLMJudge(), 2,

@@ -20,7 +20,6 @@ always accepted) and asserts that the same check rejects it.
 
 from __future__ import annotations
 
-import itertools
 
 import equinox as eqx
 import jax
@@ -30,6 +29,7 @@ import pytest
 import scipy.stats
 
 import samplers.parallel_tempering as pt
+from exact_checks import evidence_check, posterior_check
 from models.llm.rewards import ProgrammaticStepVerifier, TokenPairReward
 from models.llm.ssm import AGGREGATIONS, PURI_LINKS, WEIGHTINGS, LLMFeynmanKac
 from models.llm.step_lm import MarkovStepLM
@@ -160,43 +160,8 @@ def pf_model():
     return _build(proposal=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# checks (shared by the real tests and their broken companions)
-# ------------------------------------------------------------------------------------------------
-
-
-def evidence_check(log_z_hat, log_z, z=Z_SCORE):
-    """E[Ẑ/Z] = 1: |mean − 1| ≤ z · sd/√R over R independent runs."""
-    ratio = np.exp(np.asarray(log_z_hat, np.float64) - log_z)
-    mean, se = ratio.mean(), ratio.std(ddof=1) / np.sqrt(ratio.size)
-    return bool(abs(mean - 1.0) <= z * se), mean, se
-
-
-def posterior_check(log_z_hat, log_w, answers, exact_probs, z=Z_SCORE):
-    """Pooled SMC answer law vs the exact one, in total variation.
-
-    Runs are pooled with weights Ẑ_r (E[Ẑ_r Σ_i W_r^i 1{a_r^i ∈ S}] = Z π(S), unbiasedness of the
-    unnormalised particle measure), a ratio of means of R i.i.d. terms with a delta-method standard
-    error se(S) (floored by the error of R·N exact draws). TV(π̂, π) = max_S |π̂(S) − π(S)|, so we
-    assert |π̂(S) − π(S)| ≤ z' se(S) for every answer set S, z' the two-sided normal quantile at
-    α / 2^(K−1) (Bonferroni over the set pairs S, S^c). Returns (ok, TV, TV bound, estimate)."""
-    k = exact_probs.shape[0]
-    r, n = np.shape(log_w)
-    w = np.exp(np.asarray(log_w, np.float64))
-    hist = np.zeros((r, k))
-    np.add.at(hist, (np.repeat(np.arange(r), n), np.asarray(answers).reshape(-1)), w.reshape(-1))
-    lz = np.asarray(log_z_hat, np.float64)
-    zr = np.exp(lz - lz.max())
-    est = (zr[:, None] * hist).sum(0) / zr.sum()
-    resid = zr[:, None] * (hist - est) / zr.mean()
-    sets = np.array(list(itertools.product([0.0, 1.0], repeat=k)))[1:-1]
-    p_set = np.clip(sets @ exact_probs, 0.0, 1.0)
-    se = np.maximum((resid @ sets.T).std(axis=0, ddof=1) / np.sqrt(r),
-                    np.sqrt(p_set * (1 - p_set) / (r * n)))
-    z_set = scipy.stats.norm.isf(2 * scipy.stats.norm.sf(z) / 2 / 2 ** (k - 1))
-    dev = np.abs(sets @ (est - exact_probs))
-    tv = 0.5 * np.abs(est - exact_probs).sum()
-    return bool(np.all(dev <= z_set * se + 1e-6)), tv, float(np.max(z_set * se)), est
+# checks (shared by the real tests and their broken companions); evidence_check and
+# posterior_check are in tests/exact_checks.py
 
 
 def draws_check(samples, probs, z=Z_SCORE):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (installed by `make test`: a missing reference must fail, not skip)
 
 from llm_helpers import _TMP, hf_gguf_tokenizer, smollm2  # noqa: E402
 
