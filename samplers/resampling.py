@@ -79,6 +79,28 @@ def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
     return (within + offsets[:, None]).reshape(-1)[:n]
 
 
+def _cummax(x: Float[Array, " N"]) -> Float[Array, " N"]:
+    """Running maximum, exactly ``lax.cummax``, in O(N) work and a few fused kernels.
+
+    ``lax.cummax`` becomes a ``reduce-window`` on XLA:CPU, ≈ 80–200 µs at N = 10^4. Here the
+    maxima within rows of ``_BLOCK`` entries are unrolled (the rows laid out as columns, so each of
+    the ``_BLOCK`` steps is one vectorised ``maximum``), the row maxima are scanned recursively and
+    folded back in. Maximum is exact, so the result equals ``lax.cummax`` bit for bit.
+    """
+    n = x.shape[0]
+    if n <= _BLOCK:
+        return jax.lax.cummax(x)
+    rows = -(-n // _BLOCK)
+    lowest = jnp.asarray(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)
+    cols = jnp.pad(x, (0, rows * _BLOCK - n), constant_values=lowest).reshape(rows, _BLOCK).T
+    running = [cols[0]]
+    for j in range(1, _BLOCK):
+        running.append(jnp.maximum(running[-1], cols[j]))
+    within = jnp.stack(running)  # [_BLOCK, rows]
+    before = jnp.concatenate([lowest[None], _cummax(running[-1])[:-1]])  # max of earlier rows
+    return jnp.maximum(within, before[None, :]).T.reshape(-1)[:n]
+
+
 def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
     """Normalised cumulative weights, non-decreasing and exactly flat across zero weights.
 
@@ -87,7 +109,7 @@ def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
     positive-weight entries rules that out.
     """
     cumulative = _cumsum(weights)
-    cumulative = jax.lax.cummax(jnp.where(weights > 0, cumulative, 0.0))
+    cumulative = _cummax(jnp.where(weights > 0, cumulative, 0.0))
     return cumulative / cumulative[-1]
 
 

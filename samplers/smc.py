@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl.feynman_kac import AbstractFeynmanKac
+from ppl.random import fast_key
 from samplers.gather import resample_rows
 from samplers.resampling import AbstractResampling, get_resampling, normalise
 
@@ -109,23 +110,22 @@ def _check_potential(log_g: Array, n: int, where: str) -> Array:
     return log_g
 
 
-def _sanitise(log_g):
-    """NaN → −inf (counted); +inf stays (it makes the weights degenerate, and is reported)."""
-    nan = jnp.isnan(log_g)
-    return jnp.where(nan, -jnp.inf, log_g), jnp.sum(nan).astype(jnp.int32)
-
-
 def _reweight(log_w_prev, log_g):
-    """Return normalised log W_t, log-evidence increment, an extinction flag and ESS(W_t).
+    """Return normalised log W_t, the log-evidence increment, an extinction flag, ESS(W_t) and the
+    number of NaN log-potentials (each treated as −inf, a killed particle; +inf stays and is
+    reported through the weights).
 
-    One max and one exp pass serve both: with e_i = exp(u_i − max u), the increment is
+    One max and one exp pass serve everything: with e_i = exp(u_i − max u), the increment is
     log Σ e + max u (the same operations as ``jax.nn.logsumexp``) and ESS = (Σ e)² / Σ e²
-    (Kong 1992); a dead population is reset to uniform weights, ESS = N.
+    (Kong 1992); a dead population is reset to uniform weights, ESS = N. ``e`` is materialised
+    once (an optimisation barrier): otherwise XLA re-fuses the exponential into each reduction.
     """
-    unnorm = log_w_prev + log_g
+    nan = jnp.isnan(log_g)
+    num_nan = jnp.sum(nan.astype(jnp.float32)).astype(jnp.int32)
+    unnorm = log_w_prev + jnp.where(nan, -jnp.inf, log_g)
     m = jnp.max(unnorm)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
-    e = jnp.exp(unnorm - m)
+    e = jax.lax.optimization_barrier(jnp.exp(unnorm - m))
     sum_e = jnp.sum(e)
     inc = jnp.log(sum_e) + m
     dead = ~jnp.isfinite(inc)
@@ -133,7 +133,7 @@ def _reweight(log_w_prev, log_g):
     log_w = jnp.where(dead, -jnp.log(n) * jnp.ones_like(unnorm), unnorm - jnp.where(dead, 0.0, inc))
     inc = jnp.where(jnp.isnan(inc) | (inc == jnp.inf), -jnp.inf, inc)
     ess = jnp.where(dead, jnp.asarray(n, sum_e.dtype), sum_e * sum_e / jnp.sum(e * e))
-    return log_w, inc, dead, ess
+    return log_w, inc, dead, ess, num_nan
 
 
 def _validate(model, num_particles, ess_threshold, num_steps, max_steps, resample_schedule):
@@ -172,7 +172,8 @@ def smc(
     """Run SMC on a Feynman-Kac model, compiled end to end.
 
     Args:
-        key: PRNG key.
+        key: PRNG key. A key of JAX's default implementation runs as
+            :data:`ppl.random.threefry_unrolled` on CPU: the same random numbers, drawn faster.
         model: the Feynman-Kac model (batched protocol of :mod:`ppl.feynman_kac`).
         num_particles: N ≥ 1 (static).
         resampling: ``"systematic"`` (default), ``"stratified"``, ``"residual"``, ``"multinomial"``
@@ -220,7 +221,7 @@ def smc(
             f"resample_schedule needs {length} entries, got {jnp.shape(resample_schedule)[0]}"
         )
     return _smc_jit(
-        key,
+        fast_key(key),  # the same random streams, an unrolled (fusable) threefry on CPU
         model,
         reference,
         resample_schedule,
@@ -268,8 +269,8 @@ def _smc_jit(
     t0 = jnp.asarray(0, jnp.int32)
     if model.is_adaptive:
         model = model.adapt(t0, particles, jnp.full((n,), -log_n))
-    log_g, nan_count = _sanitise(_check_potential(model.log_potential(t0, None, particles), n, "t=0"))
-    log_w, inc0, dead, ess0 = _reweight(jnp.full((n,), -log_n), log_g)
+    log_g = _check_potential(model.log_potential(t0, None, particles), n, "t=0")
+    log_w, inc0, dead, ess0, nan_count = _reweight(jnp.full((n,), -log_n), log_g)
 
     info0 = model.info()
     ess_buf = jnp.full((length,), jnp.nan).at[0].set(ess0)
@@ -358,8 +359,7 @@ def _smc_jit(
         log_g = _check_potential(mdl.log_potential(t, previous, moved), n, "step t")
         if done is not None:
             log_g = jnp.where(done, 0.0, log_g)
-        log_g, nans = _sanitise(log_g)
-        log_w, inc, dead, ess = _reweight(log_w, log_g)
+        log_w, inc, dead, ess, nans = _reweight(log_w, log_g)
 
         ess_buf = ess_buf.at[t].set(ess)
         res_buf = res_buf.at[t].set(flag)

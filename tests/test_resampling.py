@@ -278,3 +278,16 @@ def test_get_resampling():
     assert get_resampling(scheme) is scheme
     with pytest.raises(ValueError, match="unknown resampling scheme"):
         get_resampling("bogus")
+
+
+@pytest.mark.parametrize("n", [1, 7, 32, 33, 1000, 10_007])
+def test_blocked_cummax_equals_lax_cummax(n):
+    """The blocked running maximum behind the CDF is exactly ``lax.cummax`` (floats, with -inf and
+    ties, and integers), for sizes below, at and off a multiple of the block."""
+    from samplers.resampling import _cummax
+
+    x = jax.random.normal(jax.random.key(n), (n,))
+    x = jnp.where(jax.random.uniform(jax.random.key(n + 1), (n,)) < 0.2, -jnp.inf, jnp.round(x, 1))
+    np.testing.assert_array_equal(np.asarray(jax.jit(_cummax)(x)), np.asarray(jax.lax.cummax(x)))
+    i = jax.random.randint(jax.random.key(n + 2), (n,), -50, 50)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_cummax)(i)), np.asarray(jax.lax.cummax(i)))
