@@ -79,45 +79,44 @@ def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
     return (within + offsets[:, None]).reshape(-1)[:n]
 
 
-def _cummax(x: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Running maximum, exactly ``lax.cummax``, in O(N) work and a few fused kernels.
-
-    ``lax.cummax`` becomes a ``reduce-window`` on XLA:CPU, ≈ 80–200 µs at N = 10^4. Here the
-    maxima within rows of ``_BLOCK`` entries are unrolled (the rows laid out as columns, so each of
-    the ``_BLOCK`` steps is one vectorised ``maximum``), the row maxima are scanned recursively and
-    folded back in. Maximum is exact, so the result equals ``lax.cummax`` bit for bit.
-    """
-    n = x.shape[0]
-    if n <= _BLOCK:
-        return jax.lax.cummax(x)
-    rows = -(-n // _BLOCK)
-    lowest = jnp.asarray(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min, x.dtype)
-    cols = jnp.pad(x, (0, rows * _BLOCK - n), constant_values=lowest).reshape(rows, _BLOCK).T
-    running = [cols[0]]
-    for j in range(1, _BLOCK):
-        running.append(jnp.maximum(running[-1], cols[j]))
-    within = jnp.stack(running)  # [_BLOCK, rows]
-    before = jnp.concatenate([lowest[None], _cummax(running[-1])[:-1]])  # max of earlier rows
-    return jnp.maximum(within, before[None, :]).T.reshape(-1)[:n]
+def _weights(log_weights: Float[Array, " N"]) -> Float[Array, " N"]:
+    """Weights proportional to exp(log w), scaled by the largest (the CDF divides by the total)."""
+    m = jnp.max(log_weights)
+    return jnp.exp(log_weights - jnp.where(jnp.isfinite(m), m, 0.0))
 
 
 def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Normalised cumulative weights, non-decreasing and exactly flat across zero weights.
+    """Normalised cumulative weights C_i = Σ_{j≤i} W_j / Σ_j W_j (blocked ``_cumsum``).
 
-    The blocked ``_cumsum`` rounds each entry independently, so in float32 a killed particle
-    (W_i = 0) could get C_i > C_{i-1} and be resampled back to life; a running maximum over the
-    positive-weight entries rules that out.
+    In float32, C can rise by a rounding error across a zero weight: :func:`_alive` makes sure
+    that such a sliver never revives a killed particle.
     """
     cumulative = _cumsum(weights)
-    cumulative = _cummax(jnp.where(weights > 0, cumulative, 0.0))
     return cumulative / cumulative[-1]
+
+
+def _alive(ancestors: Int[Array, " M"], weights: Float[Array, " N"]) -> Int[Array, " M"]:
+    """Never resample a zero-weight particle; the result is materialised for the gathers.
+
+    The blocked cumulative sum rounds each entry on its own, so C_i − C_{i−1} can be a rounding
+    error (≈ ε) instead of 0 at a killed particle i, and a position can fall in that sliver
+    (probability ≈ N ε per draw). Such an ancestor is replaced by the largest live ancestor of the
+    draw (an ``argmax`` of the weights costs several times more on CPU): a change of the law at
+    the float-rounding level, which keeps zero-weight particles dead. (An exact
+    running maximum over the CDF does the same but costs ≈ 10 % of a particle-filter step.) The
+    optimisation barrier keeps XLA from recomputing the ancestors inside every gather that uses
+    them.
+    """
+    alive = jnp.take(weights, ancestors) > 0
+    a = jnp.where(alive, ancestors, jnp.max(jnp.where(alive, ancestors, 0)))
+    return jax.lax.optimization_barrier(a)
 
 
 def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -> Int[Array, " M"]:
     """Indices i with cumsum(W)_{i-1} ≤ u < cumsum(W)_i for sorted uniforms u in [0, 1)."""
     cumulative = _cdf(weights)
     idx = jnp.searchsorted(cumulative, positions, side="right")
-    return jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32)
+    return _alive(jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32), weights)
 
 
 def _stratified_search(
@@ -149,7 +148,7 @@ def _stratified_search(
         ancestors = _cumsum(hist[:m].astype(jnp.float32)).astype(jnp.int32)
     else:
         ancestors = jnp.cumsum(hist[:m])
-    return jnp.clip(ancestors, 0, n - 1).astype(jnp.int32)
+    return _alive(jnp.clip(ancestors, 0, n - 1).astype(jnp.int32), weights)
 
 
 class AbstractResampling(eqx.Module):
@@ -213,7 +212,7 @@ class Stratified(AbstractResampling):
     def __call__(self, key, log_weights, num_samples=None):
         m = log_weights.shape[0] if num_samples is None else num_samples
         u = jax.random.uniform(key, (m,))
-        return _stratified_search(jnp.exp(normalise(log_weights)), u, m)
+        return _stratified_search(_weights(log_weights), u, m)
 
     def _conditional_at_zero(self, key, weights):
         # Particle 0 owns [0, W_0): strata k < floor(N W_0) always hit it, the stratum
@@ -237,7 +236,7 @@ class Systematic(AbstractResampling):
     def __call__(self, key, log_weights, num_samples=None):
         m = log_weights.shape[0] if num_samples is None else num_samples
         u = jax.random.uniform(key)
-        return _stratified_search(jnp.exp(normalise(log_weights)), u, m)
+        return _stratified_search(_weights(log_weights), u, m)
 
     def _conditional_at_zero(self, key, weights):
         # O_0(u) = k + 1[u < f] for the shared uniform u: tilt u's law by O_0.

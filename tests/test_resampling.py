@@ -280,14 +280,12 @@ def test_get_resampling():
         get_resampling("bogus")
 
 
-@pytest.mark.parametrize("n", [1, 7, 32, 33, 1000, 10_007])
-def test_blocked_cummax_equals_lax_cummax(n):
-    """The blocked running maximum behind the CDF is exactly ``lax.cummax`` (floats, with -inf and
-    ties, and integers), for sizes below, at and off a multiple of the block."""
-    from samplers.resampling import _cummax
+def test_alive_replaces_dead_ancestors_only():
+    """A position in a rounding sliver of the CDF at a killed particle must not revive it: the
+    guard maps dead ancestors to the largest live ancestor and leaves live ones alone (an identity
+    guard fails the assertion)."""
+    from samplers.resampling import _alive
 
-    x = jax.random.normal(jax.random.key(n), (n,))
-    x = jnp.where(jax.random.uniform(jax.random.key(n + 1), (n,)) < 0.2, -jnp.inf, jnp.round(x, 1))
-    np.testing.assert_array_equal(np.asarray(jax.jit(_cummax)(x)), np.asarray(jax.lax.cummax(x)))
-    i = jax.random.randint(jax.random.key(n + 2), (n,), -50, 50)
-    np.testing.assert_array_equal(np.asarray(jax.jit(_cummax)(i)), np.asarray(jax.lax.cummax(i)))
+    w = jnp.array([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    a = jnp.array([0, 1, 2, 3, 4, 5, 3, 1], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(_alive(a, w)), [4, 1, 4, 3, 4, 4, 3, 1])
