@@ -34,6 +34,9 @@ class SVParams(NamedTuple):
         return cls(jnp.asarray(-1.0), jnp.asarray(0.95), jnp.asarray(0.3))
 
 
+_LOG_2PI = math.log(2 * math.pi)
+
+
 class LogVarianceNormal(dist.Distribution):
     """N(0, e^v) parametrised by its log-variance v, the observation law of stochastic volatility.
 
@@ -65,9 +68,6 @@ class LogVarianceNormal(dist.Distribution):
     @property
     def variance(self):
         return jnp.exp(self.log_variance)
-
-
-_LOG_2PI = math.log(2 * math.pi)
 
 
 def _initial(p: SVParams):

@@ -11,7 +11,7 @@ and the same ``seed`` / ``split`` / ``fold_in`` / ``random_bits`` semantics, wri
 rounds of plain ``uint32`` adds, rotations and xors, so XLA fuses it into the consumer (uniforms,
 normals, the particle move) and vectorises it: ≈ 8x faster for bits on CPU. Because the streams
 are bit-identical, :func:`fast_key` can rewrap a user's default key without changing any result;
-the samplers do this at their entry points.
+``samplers.smc`` does this, so every sampler built on it does too.
 
 Reference: J. K. Salmon, M. A. Moraes, R. O. Dror, D. E. Shaw (2011), SC'11; JAX's
 ``jax._src.random.threefry2x32``.
@@ -103,13 +103,6 @@ threefry_unrolled = define_prng_impl(
 """JAX's ``threefry2x32`` (partitionable counters) with an unrolled, fusable lowering."""
 
 
-def _impl_name(key) -> str | None:
-    try:
-        return str(jax.random.key_impl(key))
-    except (TypeError, ValueError):
-        return None
-
-
 def fast_key(key: PRNGKeyArray) -> PRNGKeyArray:
     """Rewrap a default-implementation key as :data:`threefry_unrolled` (same random streams).
 
@@ -121,7 +114,7 @@ def fast_key(key: PRNGKeyArray) -> PRNGKeyArray:
     if not jax.config.jax_threefry_partitionable or jax.default_backend() != "cpu":
         return key
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if _impl_name(key) != "threefry2x32":
+        if jax.random.key_impl(key) != "threefry2x32":
             return key
         return jax.random.wrap_key_data(jax.random.key_data(key), impl=threefry_unrolled)
     if (isinstance(key, (jax.Array, np.ndarray)) and key.dtype == _U32 and key.ndim >= 1

@@ -96,20 +96,17 @@ def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
 
 
 def _alive(ancestors: Int[Array, " M"], weights: Float[Array, " N"]) -> Int[Array, " M"]:
-    """Never resample a zero-weight particle; the result is materialised for the gathers.
+    """Never resample a zero-weight particle.
 
     The blocked cumulative sum rounds each entry on its own, so C_i − C_{i−1} can be a rounding
     error (≈ ε) instead of 0 at a killed particle i, and a position can fall in that sliver
     (probability ≈ N ε per draw). Such an ancestor is replaced by the largest live ancestor of the
     draw (an ``argmax`` of the weights costs several times more on CPU): a change of the law at
-    the float-rounding level, which keeps zero-weight particles dead. (An exact
-    running maximum over the CDF does the same but costs ≈ 10 % of a particle-filter step.) The
-    optimisation barrier keeps XLA from recomputing the ancestors inside every gather that uses
-    them.
+    the float-rounding level, which keeps zero-weight particles dead. (An exact running maximum
+    over the CDF does the same but cost ≈ 80–200 µs per resampling at N = 10^4 on CPU.)
     """
     alive = jnp.take(weights, ancestors) > 0
-    a = jnp.where(alive, ancestors, jnp.max(jnp.where(alive, ancestors, 0)))
-    return jax.lax.optimization_barrier(a)
+    return jnp.where(alive, ancestors, jnp.max(jnp.where(alive, ancestors, 0)))
 
 
 def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -> Int[Array, " M"]:
