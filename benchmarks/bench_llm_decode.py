@@ -7,6 +7,7 @@ state by ancestor indices (what SMC resampling does) relative to one decode step
 
     python benchmarks/bench_llm_decode.py                       # batches 1 8 32 64, 128 new tokens
     python benchmarks/bench_llm_decode.py --batch-sizes 1 32 --new-tokens 64
+    python benchmarks/bench_llm_decode.py --dtype mixed --torch-dtype float32 bfloat16
     python benchmarks/bench_llm_decode.py --mode gpu            # random Qwen2.5-1.5B-shaped bf16 model
 
 GPU mode: a random model shaped like Qwen2.5-1.5B (28 layers, hidden 1536, 12/2 heads, FFN 8960,
@@ -216,22 +217,28 @@ def bench_llama_cpp(path, prompt_ids, new_tokens):
 def run_cpu(args):
     import torch
 
-    from models.llm import load_smollm2, smollm2_path
+    from models.llm import load_smollm2, smollm2_path, with_matmul_dtype
 
     torch.set_num_threads(os.cpu_count())
     t = time.perf_counter()
-    model, tok, config = load_smollm2()
+    model, tok, config = load_smollm2(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    if args.dtype == "mixed":
+        model = with_matmul_dtype(model, jnp.bfloat16)
     print(f"loaded SmolLM2 from GGUF in {time.perf_counter() - t:.1f} s; devices: {jax.devices()}; "
-          f"cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}", flush=True)
+          f"cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}; JAX side {args.dtype} "
+          f"(matmuls {jnp.dtype(model.matmul_dtype).name}, activations {jnp.dtype(model.dtype).name}); "
+          f"transformers {' and '.join(args.torch_dtype)}", flush=True)
     prompt_ids = tok.encode_chat(PROMPT)
-    ref = torch_reference_from(model, config)
+    refs = {dt: torch_reference_from(model, config, torch_dtype=dt) for dt in args.torch_dtype}
     rows = []
     for b in args.batch_sizes:
         j = bench_jax(model, prompt_ids, b, args.new_tokens, args.repeats, gather=(b == args.gather_batch))
-        r = bench_torch(ref, prompt_ids, b, args.new_tokens, args.torch_repeats)
-        row = dict(batch=b, jax=j, transformers=r, speedup=j["decode_tok_s"] / r["decode_tok_s"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for dt, ref in refs.items():
+            r = bench_torch(ref, prompt_ids, b, args.new_tokens, args.torch_repeats)
+            row = dict(batch=b, dtype=args.dtype, torch_dtype=dt, jax=j, transformers=r,
+                       speedup=j["decode_tok_s"] / r["decode_tok_s"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     lc = bench_llama_cpp(smollm2_path(), prompt_ids, args.new_tokens) if 1 in args.batch_sizes else None
     print_table(rows, lc, args)
     return dict(mode="cpu", prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, rows=rows, llama_cpp=lc)
@@ -290,10 +297,11 @@ def run_gpu(args):
 
 def print_table(rows, llama_cpp, args):
     print(f"\nDecode throughput, {args.new_tokens} new tokens, tokens/s summed over the batch")
-    print("| batch | JAX decode tok/s | transformers decode tok/s | speedup | JAX prefill s | transformers prefill s "
-          "| JAX compile s (prefill + decode) | extra |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | JAX dtype | transformers dtype | JAX decode tok/s | transformers decode tok/s | speedup "
+          "| JAX prefill s | transformers prefill s | JAX compile s (prefill + decode) | extra |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        print(f"| {r['batch']} | {r.get('dtype', 'bfloat16')} | {r.get('torch_dtype', 'bfloat16')} ", end="")
         j, t = r["jax"], r.get("transformers")
         extra = []
         if "gather_ms" in j:
@@ -303,9 +311,9 @@ def print_table(rows, llama_cpp, args):
                          f"({j['cache_mb']:.0f} MiB cache)")
         if "fraction_of_floor" in j:
             extra.append(f"{100 * j['fraction_of_floor']:.0f}% of bandwidth floor")
-        print(f"| {r['batch']} | {j['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | {r['speedup']:.2f}x "
+        print(f"| {j['decode_tok_s']:.1f} | {t['decode_tok_s']:.1f} | {r['speedup']:.2f}x "
               f"| {j['prefill_s']:.3f} | {t['prefill_s']:.3f} "
-              if t else f"| {r['batch']} | {j['decode_tok_s']:.1f} | - | - | {j['prefill_s']:.3f} | - ", end="")
+              if t else f"| {j['decode_tok_s']:.1f} | - | - | {j['prefill_s']:.3f} | - ", end="")
         print(f"| {j['compile_prefill_s']:.1f} + {j['compile_decode_s']:.1f} | {'; '.join(extra)} |")
     if llama_cpp:
         print(f"\nllama-cpp-python (same GGUF, batch 1): decode {llama_cpp['decode_tok_s']:.1f} tok/s, "
@@ -322,8 +330,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per JAX measurement (best is kept)")
     p.add_argument("--torch-repeats", type=int, default=1, help="timed runs per transformers measurement")
     p.add_argument("--gather-batch", type=int, default=32, help="batch size at which to time the resampling gather")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "mixed"], default="float32",
+                   help="CPU mode, JAX side: 'mixed' = bfloat16 matmuls with float32 activations and KV cache "
+                        "(models.llm.with_matmul_dtype)")
+    p.add_argument("--torch-dtype", nargs="+", choices=["float32", "bfloat16"], default=None,
+                   help="CPU mode, transformers side, one run per dtype on the same weights (default: float32, "
+                        "or bfloat16 when --dtype bfloat16)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.torch_dtype is None:
+        args.torch_dtype = ["bfloat16" if args.dtype == "bfloat16" else "float32"]
     res = run_cpu(args) if args.mode == "cpu" else run_gpu(args)
     if args.json:
         with open(args.json, "w") as f:

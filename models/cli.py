@@ -38,7 +38,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--gguf", default=None, help="GGUF file to use instead of the embedded SmolLM2")
     p.add_argument("--hf", default=None, help="Hugging Face checkpoint directory to use instead")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "mixed"], default="float32",
+                   help="weights and activations; 'mixed': bfloat16 matmuls, float32 activations and KV "
+                        "cache (fastest on CPUs with bf16 units)")
     p.add_argument("--no-cache", action="store_true", help="do not use the on-disk JAX compilation cache")
 
 
@@ -58,7 +60,7 @@ def load_model(args):
     """``(model, tokenizer)`` chosen by the ``--gguf`` / ``--hf`` options (default: embedded SmolLM2)."""
     import jax.numpy as jnp
 
-    from models.llm import load_gguf, load_hf, load_smollm2
+    from models.llm import load_gguf, load_hf, load_smollm2, with_matmul_dtype
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if args.gguf and args.hf:
@@ -71,6 +73,8 @@ def load_model(args):
             raise ValueError(f"{args.hf!r} has no tokenizer.json")
     else:
         model, tok, _ = load_smollm2(dtype=dtype)
+    if args.dtype == "mixed":
+        model = with_matmul_dtype(model, jnp.bfloat16)
     return model, tok
 
 

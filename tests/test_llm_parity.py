@@ -11,7 +11,7 @@ import torch  # noqa: E402  (installed by `make test`: a missing reference must 
 
 from llm_helpers import rel_err, smollm2, smollm2_greedy, tiny_checkpoint, tiny_torch, torch_smollm2  # noqa: E402
 
-from models.llm import Sampling, forward_logits, generate_until, load_hf, start  # noqa: E402
+from models.llm import Sampling, forward_logits, generate_until, load_hf, start, with_matmul_dtype  # noqa: E402
 from models.llm.gguf_loader import unpermute_qk  # noqa: E402
 
 TOL = 1e-4  # relative error of float32 logits
@@ -116,8 +116,24 @@ def test_bfloat16_close_to_float32():
     model, _, _ = load_hf(tiny_checkpoint("llama"))
     model16, _, _ = load_hf(tiny_checkpoint("llama"), dtype=jnp.bfloat16)
     assert model16.layers[0].attn.qkv_weight.dtype == jnp.bfloat16
-    seq = jnp.asarray(np.arange(3, 40)[None])
+    seq = jnp.asarray(np.stack([np.arange(3, 40), np.arange(40, 3, -1)]))  # batch > 1: see forward
     a = np.asarray(forward_logits(model, seq))
     b = np.asarray(forward_logits(model16, seq))
     assert b.dtype == np.float32
     assert rel_err(b, a) < 5e-2
+
+
+def test_bfloat16_matmuls_with_float32_activations():
+    """``with_matmul_dtype``: bf16 matmul operands, float32 everywhere else (cache included)."""
+    model, _, _ = load_hf(tiny_checkpoint("llama"))
+    mixed = with_matmul_dtype(model, jnp.bfloat16)
+    assert mixed.dtype == jnp.float32 and mixed.matmul_dtype == jnp.bfloat16
+    assert mixed.layers[0].mlp.down_weight.dtype == jnp.bfloat16 and mixed.norm.dtype == jnp.float32
+    seq = jnp.asarray(np.stack([np.arange(3, 40), np.arange(40, 3, -1)]))
+    a = np.asarray(forward_logits(model, seq))
+    b = np.asarray(forward_logits(mixed, seq))
+    assert b.dtype == np.float32
+    assert 1e-4 < rel_err(b, a) < 5e-2  # rounded like bf16, not float32 in disguise
+    state = start(mixed, [[5, 6, 7], [8, 9]], 4)
+    assert state.cache.k[0].dtype == jnp.float32
+    assert _greedy(mixed, [[5, 6, 7], [8, 9]], 4).shape == (2, 4)

@@ -24,8 +24,9 @@ _F32 = jnp.float32
 
 
 def _linear(x: Array, w: Array, b: Array | None = None) -> Array:
-    """``x @ w.T + b`` with ``w`` in ``[out, in]`` layout, accumulating in float32."""
-    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
+    """``x @ w.T + b`` with ``w`` in ``[out, in]`` layout, operands in ``w``'s dtype, accumulating in
+    float32; the result in ``x``'s dtype."""
+    y = jax.lax.dot_general(x.astype(w.dtype), w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
     if b is not None:
         y = y + b.astype(_F32)
     return y.astype(x.dtype)
@@ -99,6 +100,12 @@ class LlamaModel(eqx.Module):
 
     @property
     def dtype(self):
+        """Activation and KV-cache dtype: that of the norm weights (see :func:`with_matmul_dtype`)."""
+        return self.norm.dtype
+
+    @property
+    def matmul_dtype(self):
+        """Dtype of the projection and embedding matrices (the matmul operands)."""
         return self.embed.dtype
 
     def head_weight(self) -> Array:
@@ -108,6 +115,7 @@ class LlamaModel(eqx.Module):
         """Final norm and language-model head; logits in float32."""
         h = rms_norm(hidden, self.norm, self.config.rms_norm_eps)
         w = self.head_weight()
+        h = h.astype(w.dtype)  # mixed precision: matmul operands in the weights' dtype
         return jax.lax.dot_general(h, w, (((h.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
 
 
@@ -216,6 +224,27 @@ def _init_random(config: ModelConfig, key: Array, dtype, scale: float) -> LlamaM
                       inv_freq=jnp.asarray(rope_inv_freq(c)))
 
 
+def with_matmul_dtype(model: LlamaModel, dtype) -> LlamaModel:
+    """Mixed precision: the projection and embedding matrices in ``dtype``, the rest unchanged.
+
+    Every matmul then multiplies ``dtype`` operands (activations are rounded to ``dtype`` at the
+    matmul input) with float32 accumulation, while norms, biases, RoPE, softmax, the residual
+    stream and the KV cache keep the model's dtype: the split of ``torch.autocast``. With
+    ``bfloat16`` on a float32 model this halves the weights' memory, and on CPUs with bf16
+    matrix units (AVX512-BF16, AMX) the matmuls run ≈ 3x faster than in float32.
+    """
+    dtype = jnp.dtype(dtype)
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    layers = tuple(
+        eqx.tree_at(lambda l: (l.attn.qkv_weight, l.attn.o_weight, l.mlp.gate_up_weight, l.mlp.down_weight),
+                    layer, (cast(layer.attn.qkv_weight), cast(layer.attn.o_weight),
+                            cast(layer.mlp.gate_up_weight), cast(layer.mlp.down_weight)))
+        for layer in model.layers)
+    lm_head = None if model.lm_head is None else cast(model.lm_head)
+    return eqx.tree_at(lambda m: (m.embed, m.layers, m.lm_head), model, (cast(model.embed), layers, lm_head),
+                       is_leaf=lambda x: x is None)
+
+
 def to_dtype(model: LlamaModel, dtype) -> LlamaModel:
     """Cast every floating weight (not the RoPE frequencies) to ``dtype``."""
     inv = model.inv_freq
@@ -259,7 +288,7 @@ def forward(
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
     scale = 1.0 / math.sqrt(D)
 
-    x = model.embed[tokens]  # [B, S, H]
+    x = model.embed[tokens].astype(model.dtype)  # [B, S, H]
     ks, vs = [], []
     for layer, kc, vc in zip(model.layers, cache.k, cache.v):
         h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
@@ -288,7 +317,11 @@ def forward(
             o = jnp.sum(p[:, :, :, 0, :, None].astype(_F32) * vc[:, :, None, :, :].astype(_F32), axis=3)  # [B,K,G,D]
             o = o[:, None].astype(x.dtype)  # [B, 1, K, G, D]
         else:
-            o = jnp.einsum("bkgst,bktd->bskgd", p, vc, preferred_element_type=_F32).astype(x.dtype)
+            # XLA:CPU has no bf16 x bf16 -> f32 kernel for this batched dot (UNIMPLEMENTED at
+            # batch > 1): multiply in float32 there.
+            pv_dtype = _F32 if jax.default_backend() == "cpu" else vc.dtype
+            o = jnp.einsum("bkgst,bktd->bskgd", p.astype(pv_dtype), vc.astype(pv_dtype),
+                           preferred_element_type=_F32).astype(x.dtype)
         o = _linear(o.reshape(B, S, nq), layer.attn.o_weight, layer.attn.o_bias)
         x = x + o
         h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
