@@ -247,9 +247,14 @@ def run_cpu(args):
 QWEN25_15B = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                          num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
                          tie_embeddings=True, qkv_bias=True, max_position_embeddings=32768, name="qwen2.5-1.5b-shape")
+# the same architecture at toy size: a smoke test of GPU mode on any backend (``--tiny``)
+QWEN2_TINY = ModelConfig(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6,
+                         tie_embeddings=True, qkv_bias=True, max_position_embeddings=1024, name="qwen2-tiny")
 
 
-def device_copy_bandwidth(nbytes=2 << 30):
+def device_copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes per second read plus written by an elementwise bf16 kernel on the default device."""
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)  # reads and writes nbytes each
     jax.block_until_ready(f(x))
@@ -260,10 +265,10 @@ def device_copy_bandwidth(nbytes=2 << 30):
 def run_gpu(args):
     from models.llm import init_random
 
-    model = init_random(QWEN25_15B, jax.random.key(0), dtype=jnp.bfloat16)
+    model = init_random(QWEN2_TINY if args.tiny else QWEN25_15B, jax.random.key(0), dtype=jnp.bfloat16)
     c = model.config
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model))
-    bw = device_copy_bandwidth()
+    bw = device_copy_bandwidth(2 << 20 if args.tiny else 2 << 30)
     print(f"devices: {jax.devices()}; weights {weight_bytes / 2**30:.2f} GiB; measured copy bandwidth "
           f"{bw / 1e9:.0f} GB/s", flush=True)
     prompt_ids = list(np.random.default_rng(0).integers(100, c.vocab_size, 64))
@@ -336,6 +341,8 @@ def main(argv=None):
     p.add_argument("--torch-dtype", nargs="+", choices=["float32", "bfloat16"], default=None,
                    help="CPU mode, transformers side, one run per dtype on the same weights (default: float32, "
                         "or bfloat16 when --dtype bfloat16)")
+    p.add_argument("--tiny", action="store_true",
+                   help="GPU mode with a toy Qwen2-shaped model (smoke test of the script on any backend)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if args.torch_dtype is None:
