@@ -137,3 +137,17 @@ def test_bfloat16_matmuls_with_float32_activations():
     state = start(mixed, [[5, 6, 7], [8, 9]], 4)
     assert state.cache.k[0].dtype == jnp.float32
     assert _greedy(mixed, [[5, 6, 7], [8, 9]], 4).shape == (2, 4)
+
+
+def test_single_row_bfloat16_matmul_padding_is_exact():
+    """A lone bf16 row is padded to two rows on CPU (a slow GEMV path): same products as in a batch."""
+    from models.llm.transformer import _matmul_t
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 1, 40)), jnp.float32)
+    one = _matmul_t(x[:1], w)
+    assert one.shape == (1, 1, 48) and one.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(one[0]), np.asarray(_matmul_t(x, w)[0]), rtol=1e-6, atol=1e-6)
+    exact = np.asarray(x[0, 0].astype(jnp.bfloat16), np.float64) @ np.asarray(w, np.float64).T
+    np.testing.assert_allclose(np.asarray(one[0, 0]), exact, rtol=1e-5, atol=1e-5)
