@@ -201,3 +201,25 @@ def test_greedy_and_bad_settings():
     for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             Sampling(**bad)
+
+
+def test_attention_phases_change_nothing(model):
+    """Decoding attends over a growing static prefix of the cache (64, 128, then all 256 slots
+    here); the tokens, log-probabilities and final cache equal those of full-length attention."""
+    from models.llm import decoding
+
+    assert decoding._attention_phases(256) == (64, 128, 256)
+    prompts = [list(range(10, 70)), [3, 4, 5], list(range(20, 50))]  # rows cross 64 and 128 at different steps
+    n = 150
+
+    def run(phases):
+        state = start(model, prompts, n, max_len=256)
+        eos = decoding.vocab_mask((), CFG.vocab_size)
+        return decoding._generate_until_jit(model, state, jax.random.key(0), n, eos, eos, Sampling(temperature=0.0),
+                                            attention_phases=phases)
+
+    (s1, o1), (s3, o3) = run(1), run(3)
+    assert int(o3.num_tokens.min()) == n and int(s3.lengths.max()) > 128  # every phase was used
+    np.testing.assert_array_equal(np.asarray(o3.tokens), np.asarray(o1.tokens))
+    np.testing.assert_allclose(np.asarray(o3.logprobs), np.asarray(o1.logprobs), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s3.cache.k[1]), np.asarray(s1.cache.k[1]), rtol=1e-5, atol=1e-5)

@@ -178,8 +178,11 @@ def vocab_mask(ids, vocab_size: int) -> Bool[Array, " V"]:
     return jnp.asarray(mask)
 
 
-def _step(model, state: DecodeState, key, sampling: Sampling, eos_mask, active):
-    """Sample one token for the ``active`` rows, append it and run the model on it."""
+def _step(model, state: DecodeState, key, sampling: Sampling, eos_mask, active, attend=None):
+    """Sample one token for the ``active`` rows, append it and run the model on it.
+
+    ``attend`` (static): attention reads only that many cache slots; exact when every active row's
+    new token lands at a position below it (see :func:`_attention_phases`)."""
     B, T = state.tokens.shape
     tok, lp, qlp = sample_tokens(key, state.logits, sampling)
     active = active & ~state.done
@@ -190,7 +193,7 @@ def _step(model, state: DecodeState, key, sampling: Sampling, eos_mask, active):
     buf = state.tokens.at[jnp.arange(B), jnp.where(active, pos, T)].set(tok, mode="drop")
     # Inactive rows also go through the batched forward; they write at their next free slot,
     # which stays outside their length and is overwritten when they next decode.
-    hidden, cache = forward(model, tok[:, None], pos, state.cache)
+    hidden, cache = forward(model, tok[:, None], pos, state.cache, attend=attend)
     logits = jnp.where(active[:, None], model.logits(hidden[:, 0]), state.logits)
     lengths = pos + active.astype(jnp.int32)
     done = state.done | (active & eos_mask[tok]) | (lengths >= T)
@@ -219,7 +222,33 @@ def decode_step(
     return _decode_step_jit(model, state, key, sampling, vocab_mask(eos_ids, model.config.vocab_size))
 
 
-def _generate_until(model, state, key, max_new_tokens, stop_mask, eos_mask, sampling):
+# Decode attention reads the cache up to a static bound; the token loop runs in up to this many
+# phases of growing bound (each phase compiles its own copy of the decode step).
+MAX_ATTENTION_PHASES = 3
+_PHASE_MULTIPLE = 64
+
+
+def _attention_phases(max_len: int, phases: int = MAX_ATTENTION_PHASES) -> tuple[int, ...]:
+    """Static attention bounds ``(T/4, T/2, T)`` (for 3 phases) rounded up to multiples of 64,
+    deduplicated.
+
+    Decoding attends over the preallocated cache; while every row is short, a prefix of it is
+    exact. For the benchmark's 43 + 128 tokens in a 192-slot cache the slots read per step fall from
+    192 to 139 on average.
+    """
+    def ceil(n, m):
+        return -(-n // m) * m
+
+    bounds = []
+    for k in range(phases - 1, 0, -1):
+        b = ceil(ceil(max_len, 2**k) // 2**k, _PHASE_MULTIPLE)
+        if b < max_len and b not in bounds:
+            bounds.append(b)
+    return (*bounds, max_len)
+
+
+def _generate_until(model, state, key, max_new_tokens, stop_mask, eos_mask, sampling,
+                    attention_phases=MAX_ATTENTION_PHASES):
     B = state.batch_size
     N = max_new_tokens
     stop_mask = stop_mask | eos_mask
@@ -227,28 +256,42 @@ def _generate_until(model, state, key, max_new_tokens, stop_mask, eos_mask, samp
     out_lp = jnp.zeros((B, N), jnp.float32)
     out_qlp = jnp.zeros((B, N), jnp.float32)
 
-    def cond(carry):
+    def running(carry):
         i, st, stopped = carry[0], carry[1], carry[2]
         return (i < N) & jnp.any(~st.done & ~stopped)
 
-    def body(carry):
-        i, st, stopped, count, ot, ol, oq, key = carry
-        key, sub = jax.random.split(key)
-        st, tok, lp, qlp, active = _step(model, st, sub, sampling, eos_mask, ~stopped)
-        ot = jax.lax.dynamic_update_slice(ot, jnp.where(active, tok, -1)[:, None], (0, i))
-        ol = jax.lax.dynamic_update_slice(ol, lp[:, None], (0, i))
-        oq = jax.lax.dynamic_update_slice(oq, qlp[:, None], (0, i))
-        stopped = stopped | (active & stop_mask[tok])
-        return i + 1, st, stopped, count + active.astype(jnp.int32), ot, ol, oq, key
+    def within(bound):
+        """Every row that decodes next writes at a position below ``bound``."""
+        def cond(carry):
+            st, stopped = carry[1], carry[2]
+            return running(carry) & jnp.all(st.done | stopped | (st.lengths < bound))
+        return cond
 
-    init = (jnp.int32(0), state, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), out_tok, out_lp, out_qlp, key)
-    _, state, stopped, count, ot, ol, oq, _ = jax.lax.while_loop(cond, body, init)
+    def body(attend):
+        def step(carry):
+            i, st, stopped, count, ot, ol, oq, key = carry
+            key, sub = jax.random.split(key)
+            st, tok, lp, qlp, active = _step(model, st, sub, sampling, eos_mask, ~stopped, attend)
+            ot = jax.lax.dynamic_update_slice(ot, jnp.where(active, tok, -1)[:, None], (0, i))
+            ol = jax.lax.dynamic_update_slice(ol, lp[:, None], (0, i))
+            oq = jax.lax.dynamic_update_slice(oq, qlp[:, None], (0, i))
+            stopped = stopped | (active & stop_mask[tok])
+            return i + 1, st, stopped, count + active.astype(jnp.int32), ot, ol, oq, key
+        return step
+
+    carry = (jnp.int32(0), state, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), out_tok, out_lp, out_qlp, key)
+    T = state.max_len
+    for bound in _attention_phases(T, attention_phases):
+        cond = running if bound >= T else within(bound)
+        carry = jax.lax.while_loop(cond, body(None if bound >= T else bound), carry)
+    _, state, stopped, count, ot, ol, oq, _ = carry
     out = StepOutput(ot, ol, oq, count, stopped, ol.sum(-1), oq.sum(-1))
     return state, out
 
 
 _generate_until_jit = jax.jit(
-    _generate_until, static_argnames=("max_new_tokens", "sampling"), donate_argnames=("state",)
+    _generate_until, static_argnames=("max_new_tokens", "sampling", "attention_phases"),
+    donate_argnames=("state",)
 )
 
 

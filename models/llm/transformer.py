@@ -282,6 +282,7 @@ def forward(
     tokens: Int[Array, "B S"],
     start: Int[Array, " B"],
     cache: KVCache,
+    attend: int | None = None,
 ) -> tuple[Float[Array, "B S H"], KVCache]:
     """Run a chunk of ``S`` tokens per row, written at cache slots ``start[b] + s``.
 
@@ -289,10 +290,14 @@ def forward(
     padding beyond a row's valid tokens is never seen by valid queries and is overwritten later.
     Slots past the cache end are dropped (callers check capacity). Returns the final hidden states
     (before the last norm) and the updated cache.
+
+    ``attend`` (static) reads only the first ``attend`` cache slots in attention, which is exact
+    for every query at a position ``p < attend`` (other rows' outputs are then meaningless): the
+    attention's cost follows the filled part of the cache, not its preallocated length.
     """
     c = model.config
     B, S = tokens.shape
-    T = cache.max_len
+    T = cache.max_len if attend is None else min(int(attend), cache.max_len)
     D, nkv, g = c.head_dim, c.num_kv_heads, c.group_size
     nq = c.num_heads * D
     pos = start[:, None] + jnp.arange(S, dtype=start.dtype)[None, :]  # [B, S]
@@ -316,6 +321,8 @@ def forward(
         vc = vc.at[rows, :, pos].set(v.astype(vc.dtype), mode="drop")
         ks.append(kc)
         vs.append(vc)
+        if T < cache.max_len:
+            kc, vc = kc[:, :, :T], vc[:, :, :T]
         qg = q.reshape(B, S, nkv, g, D)
         if S == 1:
             # One query per row (decoding): the per-(row, kv-head) products are [g, D] x [D, T],
