@@ -9,10 +9,15 @@ from samplers.resampling import (
     ess,
     get_resampling,
 )
+from samplers import smc_kernel
 from samplers.smc import SMCHistory, SMCResult, smc
+from samplers.smc_kernel import SMCInfo, SMCState
 
 __all__ = [
     "smc",
+    "smc_kernel",
+    "SMCState",
+    "SMCInfo",
     "SMCResult",
     "SMCHistory",
     "AbstractResampling",

@@ -12,13 +12,14 @@ is exactly ``logsumexp``. With ``reference`` set, slot 0 carries a pinned trajec
 SMC, Andrieu, Doucet & Holenstein 2010); with ``ancestor_sampling`` its ancestor is redrawn
 ∝ W_{t-1}^i m_t(x_{t-1}^i, x_t^ref) (Lindsten, Jordan & Schön 2014).
 
-The loop is a ``lax.scan`` when the horizon is fixed (reverse-mode differentiable; resampling
-indices carry no gradient) and a ``lax.while_loop`` with a step cap when the model ends by ``done``.
+:func:`smc` drives the kernel of :mod:`samplers.smc_kernel` (``init``, then ``step`` per step):
+a ``lax.scan`` when the horizon is fixed (reverse-mode differentiable; resampling indices carry no
+gradient) and a ``lax.while_loop`` with a step cap when the model ends by ``done``. Call the kernel
+directly for online filtering.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -28,10 +29,11 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.random import fast_key
-from samplers.gather import resample_rows
-from samplers.resampling import AbstractResampling, get_resampling, normalise
+from samplers import smc_kernel
+from samplers.resampling import AbstractResampling, get_resampling
+from samplers.smc_kernel import SMCInfo, SMCState, check_ess_threshold
 
-__all__ = ["smc", "SMCResult", "SMCHistory"]
+__all__ = ["smc", "SMCResult", "SMCHistory", "SMCState", "SMCInfo"]
 
 
 class SMCHistory(NamedTuple):
@@ -62,6 +64,8 @@ class SMCResult(NamedTuple):
         extinct: True when at some step every particle had zero weight (failure flag).
         reached_max_steps: a variable-horizon run stopped at the cap before all particles were done.
         history: :class:`SMCHistory` when ``store_history=True``.
+        final_ancestors: with ``resample_final=True``, the ancestors of the returned (equally
+            weighted) particles among the last step's particles; ``None`` otherwise.
         model: the final model (adaptive models change their leaves along the run).
         model_info: per-step ``model.info()`` (e.g. tempering exponents), or ``None``.
     """
@@ -79,61 +83,7 @@ class SMCResult(NamedTuple):
     history: SMCHistory | None
     model: Any
     model_info: Any
-
-
-def _gather(tree: PyTree, idx: Int[Array, " N"]) -> PyTree:
-    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree)
-
-
-def _where_rows(mask: Bool[Array, " N"], a: PyTree, b: PyTree) -> PyTree:
-    def sel(x, y):
-        m = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-        return jnp.where(m, x, y)
-
-    return jax.tree.map(sel, a, b)
-
-
-def _set_row0(tree: PyTree, row: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, r: x.at[0].set(r), tree, row)
-
-
-def _index_time(tree: PyTree, t) -> PyTree:
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, t, 0, keepdims=False), tree)
-
-
-def _check_potential(log_g: Array, n: int, where: str) -> Array:
-    if log_g.shape != (n,):
-        raise ValueError(
-            f"log_potential must return shape ({n},) (one value per particle) at {where}, "
-            f"got {log_g.shape}"
-        )
-    return log_g
-
-
-def _reweight(log_w_prev, log_g):
-    """Return normalised log W_t, the log-evidence increment, an extinction flag, ESS(W_t) and the
-    number of NaN log-potentials (each treated as −inf, a killed particle; +inf stays and is
-    reported through the weights).
-
-    One max and one exp pass serve everything: with e_i = exp(u_i − max u), the increment is
-    log Σ e + max u (the same operations as ``jax.nn.logsumexp``) and ESS = (Σ e)² / Σ e²
-    (Kong 1992); a dead population is reset to uniform weights, ESS = N. ``e`` is materialised
-    once (an optimisation barrier): otherwise XLA re-fuses the exponential into each reduction.
-    """
-    nan = jnp.isnan(log_g)
-    num_nan = jnp.sum(nan.astype(jnp.float32)).astype(jnp.int32)
-    unnorm = log_w_prev + jnp.where(nan, -jnp.inf, log_g)
-    m = jnp.max(unnorm)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
-    e = jax.lax.optimization_barrier(jnp.exp(unnorm - m))
-    sum_e = jnp.sum(e)
-    inc = jnp.log(sum_e) + m
-    dead = ~jnp.isfinite(inc)
-    n = log_w_prev.shape[0]
-    log_w = jnp.where(dead, -jnp.log(n) * jnp.ones_like(unnorm), unnorm - jnp.where(dead, 0.0, inc))
-    inc = jnp.where(jnp.isnan(inc) | (inc == jnp.inf), -jnp.inf, inc)
-    ess = jnp.where(dead, jnp.asarray(n, sum_e.dtype), sum_e * sum_e / jnp.sum(e * e))
-    return log_w, inc, dead, ess, num_nan
+    final_ancestors: Int[Array, " N"] | None = None
 
 
 def _validate(model, num_particles, ess_threshold, num_steps, max_steps, resample_schedule):
@@ -143,8 +93,7 @@ def _validate(model, num_particles, ess_threshold, num_steps, max_steps, resampl
         )
     if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
         raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
-    if not (isinstance(ess_threshold, (int, float)) and 0.0 <= float(ess_threshold) <= 1.0):
-        raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
+    check_ess_threshold(ess_threshold)
     if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
@@ -168,6 +117,7 @@ def smc(
     reference: PyTree | None = None,
     ancestor_sampling: bool = False,
     store_history: bool = False,
+    resample_final: bool = False,
 ) -> SMCResult:
     """Run SMC on a Feynman-Kac model, compiled end to end.
 
@@ -189,6 +139,9 @@ def smc(
             conditional SMC; it occupies slot 0.
         ancestor_sampling: redraw the reference's ancestor (needs ``model.log_transition``).
         store_history: keep particles, ancestors and log-weights of every step.
+        resample_final: resample once more after the last step, so that the returned particles
+            are equally weighted (``log_weights`` = −log N; ``final_ancestors`` records the draw;
+            log Ẑ and the history are unchanged).
 
     Returns:
         :class:`SMCResult`.
@@ -232,7 +185,17 @@ def smc(
         length=length,
         ancestor_sampling=bool(ancestor_sampling),
         store_history=bool(store_history),
+        resample_final=bool(resample_final),
     )
+
+
+def _buffer(x, length):
+    return jnp.zeros((length,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x)
+
+
+def _prepend(first, rest):
+    """Step 0's value followed by the stacked values of steps 1..T−1."""
+    return jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, rest)
 
 
 @eqx.filter_jit
@@ -249,177 +212,118 @@ def _smc_jit(
     length,
     ancestor_sampling,
     store_history,
+    resample_final,
 ):
     n = num_particles
-    log_n = math.log(n)
-    key_init, key_g0, key_loop = jax.random.split(key, 3)
-    del key_g0
+    key_init, _, key_loop = jax.random.split(key, 3)
     conditional = reference is not None
+    ref0 = jax.tree.map(lambda r: r[0], reference) if conditional else None
+    state0 = smc_kernel.init(key_init, model, n, reference=ref0)
+    info0 = (eqx.combine(state0.model, model) if model.is_adaptive else model).info()
 
-    # ---- step 0 -------------------------------------------------------------------------------
-    particles = model.init(key_init, n)
-    leaves = jax.tree.leaves(particles)
-    if not leaves or any(jnp.shape(x)[:1] != (n,) for x in leaves):
-        raise ValueError(
-            f"model.init must return a pytree whose leaves have leading axis {n}, got shapes "
-            f"{[jnp.shape(x) for x in leaves]}"
-        )
-    if conditional:
-        particles = _set_row0(particles, _index_time(reference, 0))
-    t0 = jnp.asarray(0, jnp.int32)
-    if model.is_adaptive:
-        model = model.adapt(t0, particles, jnp.full((n,), -log_n))
-    log_g = _check_potential(model.log_potential(t0, None, particles), n, "t=0")
-    log_w, inc0, dead, ess0, nan_count = _reweight(jnp.full((n,), -log_n), log_g)
-
-    info0 = model.info()
-    ess_buf = jnp.full((length,), jnp.nan).at[0].set(ess0)
-    res_buf = jnp.zeros((length,), bool)
-    inc_buf = jnp.zeros((length,)).at[0].set(inc0)
-    info_buf = jax.tree.map(lambda x: jnp.zeros((length,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x), info0)
-    if store_history:
-        hist = SMCHistory(
-            particles=jax.tree.map(
-                lambda x: jnp.zeros((length,) + x.shape, x.dtype).at[0].set(x), particles
-            ),
-            ancestors=jnp.zeros((length, n), jnp.int32).at[0].set(jnp.arange(n, dtype=jnp.int32)),
-            log_weights=jnp.zeros((length, n)).at[0].set(log_w),
-        )
-    else:
-        hist = None
-
-    # Only adaptive models travel in the loop carry; others are closed over (constants).
-    dyn_model, static_model = eqx.partition(model, eqx.is_array)
-    carry_model = dyn_model if model.is_adaptive else None
-
-    def step(carry, t):
-        (particles, log_w, log_z, nan_count, extinct, ess_buf, res_buf, inc_buf, info_buf, hist,
-         cm, k) = carry
-        mdl = eqx.combine(cm, static_model) if model.is_adaptive else model
-        k, k_res, k_move, k_as = jax.random.split(k, 4)
-
-        # 1. resampling (ess_buf[t-1] is the ESS of the current weights, computed last step)
-        flag = ess_buf[t - 1] < ess_threshold * n
-        if ess_threshold >= 1.0:
-            flag = jnp.asarray(True)
-        if resample_schedule is not None:
-            flag = flag | resample_schedule[t]
-        flag = jax.lax.stop_gradient(flag)
-        sg_log_w = jax.lax.stop_gradient(log_w)
+    def kernel_step(state, k, t):
+        ref_t = None
         if conditional:
-            ref_t = _index_time(reference, t)
-            if ancestor_sampling:
-                ref_batch = jax.tree.map(lambda r: jnp.broadcast_to(r, (n,) + r.shape), ref_t)
-                log_m = mdl.log_transition(t, particles, ref_batch)
-                pin = jax.random.categorical(k_as, jax.lax.stop_gradient(sg_log_w + log_m))
-            else:
-                pin = jnp.asarray(0, jnp.int32)
-            ancestors = jax.lax.cond(
-                flag,
-                lambda: resampling.conditional(k_res, sg_log_w, pin),
-                lambda: jnp.arange(n, dtype=jnp.int32).at[0].set(pin),
-            )
-            # slot 0 may switch ancestor without resampling (ancestor sampling): always gather
-            previous = _gather(particles, ancestors)
-            # After resampling W = 1/N in value; the ancestor's log-weight is kept as a zero-valued
-            # term log W_a − sg(log W_a) so that gradients see the weights' dependence on θ
-            # (Ścibior & Wood 2021), giving a consistent score estimate (Poyiadjis et al. 2011).
-            log_w_anc = jnp.take(log_w, ancestors)
-            log_w = jnp.where(flag, -log_n + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
-            if ancestor_sampling:
-                # without resampling, slot 0 keeps the weight of its (re-drawn) ancestor
-                log_w = jnp.where(flag, log_w, log_w.at[0].set(log_w[pin]))
-                log_w = normalise(log_w)
-        else:
-            # One branch runs: the gathers of particles and weights only happen when resampling.
-            def resample(p, lw):
-                # big particles (LLM KV caches): survivors keep their slots and only the dead
-                # particles' rows are overwritten, in place (samplers.gather)
-                moved_p, a = resample_rows(p, resampling(k_res, sg_log_w, n))
-                lw_a = jnp.take(lw, a)
-                # W = 1/N in value, with the zero-valued term log W_a − sg(log W_a) (see above)
-                return a, moved_p, -log_n + lw_a - jax.lax.stop_gradient(lw_a)
+            ref_t = jax.tree.map(lambda r: jax.lax.dynamic_index_in_dim(r, t, 0, keepdims=False), reference)
+        force = resample_schedule[t] if resample_schedule is not None else None
+        return smc_kernel.step(
+            k, state, model, resampling=resampling, ess_threshold=ess_threshold,
+            force_resample=force, reference=ref_t, ancestor_sampling=ancestor_sampling,
+        )
 
-            def keep(p, lw):
-                return jnp.arange(n, dtype=jnp.int32), p, lw
-
-            ancestors, previous, log_w = jax.lax.cond(flag, resample, keep, particles, log_w)
-
-        # 2. move (finished particles stay)
-        moved = mdl.move(k_move, t, previous)
-        done = mdl.done(previous)
-        if done is not None:
-            moved = _where_rows(done, previous, moved)
-        if conditional:
-            moved = _set_row0(moved, ref_t)
-
-        # 3. adapt, weight
-        if model.is_adaptive:
-            mdl = mdl.adapt(t, moved, log_w)
-        log_g = _check_potential(mdl.log_potential(t, previous, moved), n, "step t")
-        if done is not None:
-            log_g = jnp.where(done, 0.0, log_g)
-        log_w, inc, dead, ess, nans = _reweight(log_w, log_g)
-
-        ess_buf = ess_buf.at[t].set(ess)
-        res_buf = res_buf.at[t].set(flag)
-        inc_buf = inc_buf.at[t].set(inc)
-        info_buf = jax.tree.map(lambda b, x: b.at[t].set(x), info_buf, mdl.info())
-        if store_history:
-            hist = SMCHistory(
-                particles=jax.tree.map(lambda b, x: b.at[t].set(x), hist.particles, moved),
-                ancestors=hist.ancestors.at[t].set(ancestors),
-                log_weights=hist.log_weights.at[t].set(log_w),
-            )
-        cm = eqx.partition(mdl, eqx.is_array)[0] if model.is_adaptive else None
-        return (moved, log_w, log_z + inc, nan_count + nans, extinct | dead, ess_buf, res_buf,
-                inc_buf, info_buf, hist, cm, k)
-
-    carry = (particles, log_w, inc0, nan_count, dead, ess_buf, res_buf, inc_buf, info_buf, hist,
-             carry_model, key_loop)
+    def next_key(k):
+        return jax.random.split(k, 4)[0]  # the kernel uses the other three of the same split
 
     if horizon is not None:
-        def scan_step(c, t):
-            return step(c, t), None
+        def body(carry, t):
+            st, k = carry
+            new, info = kernel_step(st, k, t)
+            rows = (new.particles, new.log_weights) if store_history else None
+            return (new, next_key(k)), (info, rows)
 
-        carry, _ = jax.lax.scan(scan_step, carry, jnp.arange(1, horizon, dtype=jnp.int32))
+        (state, key_end), (infos, rows) = jax.lax.scan(
+            body, (state0, key_loop), jnp.arange(1, horizon, dtype=jnp.int32)
+        )
         steps_run = jnp.asarray(horizon, jnp.int32)
         at_cap = jnp.asarray(False)
+        ess = _prepend(state0.ess, infos.ess)
+        resampled = _prepend(jnp.asarray(False), infos.resampled)
+        increments = _prepend(state0.log_evidence, infos.log_evidence_increment)
+        model_info = _prepend(info0, infos.model_info)
+        if store_history:
+            ancestors = _prepend(jnp.arange(n, dtype=jnp.int32), infos.ancestors)
+            hist_particles, hist_log_w = _prepend((state0.particles, state0.log_weights), rows)
     else:
-        def all_done(c):
-            mdl = eqx.combine(c[10], static_model) if model.is_adaptive else model
-            d = mdl.done(c[0])
-            if d is None:
-                return jnp.asarray(False)
-            return jnp.all(d)
+        def all_done(st):
+            mdl = eqx.combine(st.model, model) if model.is_adaptive else model
+            d = mdl.done(st.particles)
+            return jnp.asarray(False) if d is None else jnp.all(d)
 
-        def cond(state):
-            t, c = state
-            return (t < length) & ~all_done(c)
+        def record(bufs, t, info, st):
+            def put(b, x):
+                return jax.tree.map(lambda bb, xx: bb.at[t].set(xx), b, x)
 
-        def body(state):
-            t, c = state
-            return t + 1, step(c, t)
+            out = {
+                "ess": bufs["ess"].at[t].set(info.ess),
+                "resampled": bufs["resampled"].at[t].set(info.resampled),
+                "increments": bufs["increments"].at[t].set(info.log_evidence_increment),
+                "model_info": put(bufs["model_info"], info.model_info),
+            }
+            if store_history:
+                out["ancestors"] = bufs["ancestors"].at[t].set(info.ancestors)
+                out["rows"] = put(bufs["rows"], (st.particles, st.log_weights))
+            return out
 
-        steps_run, carry = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), carry))
-        at_cap = ~all_done(carry)
+        bufs0 = {
+            "ess": jnp.full((length,), jnp.nan).at[0].set(state0.ess),
+            "resampled": jnp.zeros((length,), bool),
+            "increments": jnp.zeros((length,)).at[0].set(state0.log_evidence),
+            "model_info": jax.tree.map(lambda x: _buffer(x, length), info0),
+        }
+        if store_history:
+            bufs0["ancestors"] = _buffer(jnp.arange(n, dtype=jnp.int32), length)
+            bufs0["rows"] = jax.tree.map(lambda x: _buffer(x, length), (state0.particles, state0.log_weights))
 
-    (particles, log_w, log_z, nan_count, extinct, ess_buf, res_buf, inc_buf, info_buf, hist, cm,
-     _) = carry
-    final_model = eqx.combine(cm, static_model) if model.is_adaptive else model
-    log_z = jnp.where(extinct, -jnp.inf, log_z)
+        def cond(c):
+            t, st, _, _ = c
+            return (t < length) & ~all_done(st)
+
+        def body(c):
+            t, st, k, bufs = c
+            new, info = kernel_step(st, k, t)
+            return t + 1, new, next_key(k), record(bufs, t, info, new)
+
+        steps_run, state, key_end, bufs = jax.lax.while_loop(
+            cond, body, (jnp.asarray(1, jnp.int32), state0, key_loop, bufs0)
+        )
+        at_cap = ~all_done(state)
+        ess, resampled, increments = bufs["ess"], bufs["resampled"], bufs["increments"]
+        model_info = bufs["model_info"]
+        if store_history:
+            ancestors = bufs["ancestors"]
+            hist_particles, hist_log_w = bufs["rows"]
+
+    hist = None
+    if store_history:
+        hist = SMCHistory(particles=hist_particles, ancestors=ancestors, log_weights=hist_log_w)
+    final_ancestors = None
+    if resample_final:
+        state, final_ancestors = smc_kernel.resample_final(next_key(key_end), state, resampling=resampling)
+    log_z = jnp.where(state.extinct, -jnp.inf, state.log_evidence)
+    final_model = eqx.combine(state.model, model) if model.is_adaptive else None
     return SMCResult(
-        particles=particles,
-        log_weights=log_w,
+        particles=state.particles,
+        log_weights=state.log_weights,
         log_evidence=log_z,
-        ess=ess_buf,
-        resampled=res_buf,
-        log_evidence_increments=inc_buf,
+        ess=ess,
+        resampled=resampled,
+        log_evidence_increments=increments,
         num_steps=steps_run,
-        num_nan_potentials=nan_count,
-        extinct=extinct,
+        num_nan_potentials=state.num_nan_potentials,
+        extinct=state.extinct,
         reached_max_steps=at_cap,
         history=hist,
-        model=final_model if model.is_adaptive else None,
-        model_info=info_buf if info0 is not None else None,
+        model=final_model,
+        model_info=model_info if info0 is not None else None,
+        final_ancestors=final_ancestors,
     )
