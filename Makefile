@@ -27,7 +27,7 @@ setup-test: $(VENV)/.installed-test
 DEMO_PROMPT ?= Explain in three sentences what a particle filter does.
 
 demo: setup
-	$(BIN)/python -m models.demo
+	$(BIN)/python -m app.demo
 	$(BIN)/ppl generate "$(DEMO_PROMPT)" --max-new-tokens 96
 
 test: setup-test

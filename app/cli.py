@@ -108,13 +108,13 @@ subcommand("generate", "chat-generate with an LLM (default: the embedded SmolLM2
 
 # ----------------------------------------------------------------------------- ppl scale
 def _scale_arguments(p: argparse.ArgumentParser) -> None:
-    from models.llm.scale import _add_arguments
+    from app.scale import _add_arguments
 
     _add_arguments(p)
 
 
 def run_scale(args: argparse.Namespace) -> int:
-    from models.llm.scale import run_scale as _run
+    from app.scale import run_scale as _run
 
     _enable_compilation_cache()  # a rerun (or --resume) skips the per-(method, budget) compiles
     return _run(args)

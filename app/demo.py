@@ -1,6 +1,6 @@
 """Main demo: a bootstrap particle filter on a simulated stochastic-volatility series.
 
-    python -m models.demo [--num-particles 1000] [--num-steps 500] [--seed 0]
+    python -m app.demo [--num-particles 1000] [--num-steps 500] [--seed 0]
                           [--num-runs 10] [--output outputs/sv_filter.png]
 
 It simulates y_{0:T-1} from the stochastic-volatility model (Kim, Shephard & Chib 1998), runs the
@@ -30,7 +30,7 @@ __all__ = ["main", "build_parser", "weighted_quantiles"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m models.demo",
+        prog="python -m app.demo",
         description="Bootstrap particle filter on a simulated stochastic-volatility series.",
     )
     parser.add_argument("--num-particles", type=int, default=1000, help="particles N (1000)")

@@ -1,7 +1,7 @@
 """One entry point for every inference-time scaling method on the LLM state-space model.
 
 ``run_method(method, key, lm, prompt_ids, reward, budget, answer_fn=..., max_steps=...,
-max_step_tokens=...)`` builds the :class:`~models.llm.ssm.LLMFeynmanKac` model of the prompt and
+max_step_tokens=...)`` builds the :class:`~models.llm_fk.ssm.LLMFeynmanKac` model of the prompt and
 runs one of
 
 ==========  ===================================================================  ===============
@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from models.llm.rewards import (
+from models.llm_fk.rewards import (
     FinalAnswerVerifier,
     LLMJudge,
     ProgrammaticStepVerifier,
@@ -57,8 +57,8 @@ from models.llm.rewards import (
     TokenPairReward,
     TokenVerifier,
 )
-from models.llm.ssm import LLMFeynmanKac, answer_table
-from models.llm.step_lm import AbstractStepLM, MarkovStepLM, StepLM
+from models.llm_fk.ssm import LLMFeynmanKac, answer_table
+from models.llm_fk.step_lm import AbstractStepLM, MarkovStepLM, StepLM
 from samplers.parallel_tempering import initial_paths, parallel_tempering_pg
 from samplers.search import beam_search, best_of_n, dvts, self_consistency, weighted_best_of_n
 from samplers.smc import smc
@@ -139,7 +139,7 @@ def build_model(
     aggregation: str = "last",
     **options,
 ) -> LLMFeynmanKac:
-    """The :class:`~models.llm.ssm.LLMFeynmanKac` model :func:`run_method` runs on."""
+    """The :class:`~models.llm_fk.ssm.LLMFeynmanKac` model :func:`run_method` runs on."""
     if sampling is not None:
         if not isinstance(lm, StepLM):
             raise ValueError(f"sampling settings apply to a StepLM (the transformer), not {type(lm).__name__}")
@@ -307,10 +307,10 @@ def run_method(
     Args:
         method: one of :data:`METHODS`.
         key: PRNG key.
-        lm: a :class:`~models.llm.step_lm.StepLM` (transformer + tokenizer + delimiters + EOS)
-            or :class:`~models.llm.step_lm.MarkovStepLM`.
+        lm: a :class:`~models.llm_fk.step_lm.StepLM` (transformer + tokenizer + delimiters + EOS)
+            or :class:`~models.llm_fk.step_lm.MarkovStepLM`.
         prompt_ids: prompt token ids (chat template applied).
-        reward: a :class:`~models.llm.rewards.RewardModel` (unused by ``sc``).
+        reward: a :class:`~models.llm_fk.rewards.RewardModel` (unused by ``sc``).
         budget: B ≥ 1 (particles / samples / candidates per step, see the table).
         answer_fn: canonical answer of a completion, ``answer_fn(completion_ids) -> Hashable``
             (default: the token tuple).

@@ -1,6 +1,6 @@
 """Inference-time scaling experiment: accuracy versus budget of every method on a task family.
 
-For each method × budget × prompt × seed, :func:`models.llm.methods.run_method` runs SmolLM2 on the
+For each method × budget × prompt × seed, :func:`app.methods.run_method` runs SmolLM2 on the
 prompt (steps = lines) with the task's programmatic step verifier as reward model, and the task's
 program decides whether the selected completion is correct. The accuracy of a (method, budget) cell
 is the mean success over prompts and seeds. Two 95% intervals are reported:
@@ -14,8 +14,8 @@ The "scaling rate" comparison of Puri et al. (2025) is the smallest particle-fil
 accuracy reaches best-of-N at the largest budget run (e.g. 32): a PF that matches BoN@32 with 4
 particles scales 8× faster.
 
-Command line: ``python -m models.llm.scale --task letter_words --methods pf,bon --budgets 1,2,4``
-(``ppl scale`` is the same parser, registered in ``models/cli.py``). Writes ``results.json`` (every
+Command line: ``python -m app.scale --task letter_words --methods pf,bon --budgets 1,2,4``
+(``ppl scale`` is the same parser, registered in ``app/cli.py``). Writes ``results.json`` (every
 run), ``table.md`` and ``accuracy_vs_budget.png`` under ``--output-dir``.
 
 Reference: Puri et al. (2025), "A probabilistic inference approach to inference-time scaling of
@@ -88,7 +88,7 @@ class ScaleConfig:
         output_dir: str = "outputs/scale",
         method_options: dict | None = None,
     ):
-        from models.llm.tasks import FAMILIES
+        from app.tasks import FAMILIES
 
         if task not in FAMILIES:
             raise ValueError(f"unknown task {task!r}; choose from {sorted(FAMILIES)}")
@@ -135,9 +135,9 @@ def _smollm2():
 
 
 def load_step_lm(temperature: float = 0.7, delimiter: str = "\n"):
-    """SmolLM2-135M-Instruct as a :class:`~models.llm.step_lm.StepLM` whose steps are lines."""
+    """SmolLM2-135M-Instruct as a :class:`~models.llm_fk.step_lm.StepLM` whose steps are lines."""
     from models.llm import Sampling
-    from models.llm.step_lm import StepLM
+    from models.llm_fk.step_lm import StepLM
 
     model, tokenizer, _ = _smollm2()
     return StepLM(model, tokenizer, tokenizer.token_ids_containing(delimiter), None,
@@ -150,7 +150,7 @@ _ANSWERS: dict = {}
 
 def make_reward(task, kind: str = "step"):
     """The reward model of a task: its step verifier (process reward) or final verifier (outcome)."""
-    from models.llm.rewards import FinalAnswerVerifier, ProgrammaticStepVerifier
+    from models.llm_fk.rewards import FinalAnswerVerifier, ProgrammaticStepVerifier
 
     if kind not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
@@ -180,7 +180,7 @@ def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cf
             max_steps: int, run_fn: Callable | None = None) -> dict:
     """One run; returns a JSON-able row (correctness decided by the task's program)."""
     if run_fn is None:
-        from models.llm.methods import run_method as run_fn
+        from app.methods import run_method as run_fn
     prompt_ids = task.prompt_ids(lm.tokenizer)
     t0 = time.perf_counter()
     res = run_fn(method, run_key(seed, prompt_index), lm, prompt_ids, make_reward(task, cfg.reward),
@@ -212,7 +212,7 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
     (``results.json`` in ``cfg.output_dir``), and ``resume`` skips rows already saved there."""
     from tqdm import tqdm
 
-    from models.llm.tasks import get_tasks
+    from app.tasks import get_tasks
 
     tasks = get_tasks(cfg.task, cfg.num_prompts)
     max_steps = cfg.max_steps or max(t.max_steps for t in tasks)  # one static shape per family
@@ -515,7 +515,7 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from models.llm.tasks import FAMILIES
+    from app.tasks import FAMILIES
 
     p.add_argument("--task", required=True, choices=sorted(FAMILIES), help="task family")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -584,7 +584,7 @@ def run_scale(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.llm.scale", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m app.scale", description=__doc__.split("\n\n")[0])
     _add_arguments(p)
     return run_scale(p.parse_args(argv))
 

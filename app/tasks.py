@@ -372,8 +372,7 @@ def measure_success(
     """
     import jax
 
-    from .generate import generate_text
-    from .sampling import Sampling
+    from models.llm import Sampling, generate_text
 
     prompts = [t.prompt_text(tokenizer) for t in tasks for _ in range(samples_per_prompt)]
     owners = [t for t in tasks for _ in range(samples_per_prompt)]

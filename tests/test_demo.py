@@ -1,4 +1,4 @@
-"""Smoke test of the main demo (`python -m models.demo`) at a tiny size, and its quantile helper."""
+"""Smoke test of the main demo (`python -m app.demo`) at a tiny size, and its quantile helper."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.demo import main, weighted_quantiles
+from app.demo import main, weighted_quantiles
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import jax
 
 from llm_helpers import _TMP, write_gguf
 
-from models import cli
+from app import cli
 from models.llm import Sampling, generate_text, load_gguf
 
 
@@ -56,7 +56,7 @@ def test_generate_rejects_bad_options(monkeypatch, capsys):
 
 
 def test_cli_help_lists_generate():
-    r = subprocess.run([sys.executable, "-m", "models.cli", "generate", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "app.cli", "generate", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     for opt in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed"):
@@ -65,7 +65,7 @@ def test_cli_help_lists_generate():
 
 def test_cli_help_lists_scale():
     """`ppl scale` is registered in the console script with the issue's options."""
-    r = subprocess.run([sys.executable, "-m", "models.cli", "scale", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "app.cli", "scale", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     for opt in ("--task", "--methods", "--budgets", "--seeds", "--output-dir"):

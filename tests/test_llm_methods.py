@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.llm import ModelConfig, forward_logits, init_random
-from models.llm.methods import (
+from app.methods import (
     METHODS,
     FinalAnswerVerifier,
     LLMJudge,
@@ -28,7 +27,8 @@ from models.llm.methods import (
     StepLM,
     run_method,
 )
-from models.llm.ssm import LLMFeynmanKac
+from models.llm import ModelConfig, forward_logits, init_random
+from models.llm_fk.ssm import LLMFeynmanKac
 from models.markov_lm import toy_reasoning_model
 
 QUESTION, YES, NO = (5, 6, 7), (8,), (9,)

@@ -1,4 +1,4 @@
-"""The LLM state-space model (models.llm.ssm) on the Markov-chain LM, against exact answers.
+"""The LLM state-space model (models.llm_fk.ssm) on the Markov-chain LM, against exact answers.
 
 The Markov LM of models.markov_lm (5 tokens, 5461 complete sequences) is run through the generic
 step-LM adapter (MarkovStepLM) with a token-level reward model, and every number is compared with
@@ -30,9 +30,9 @@ import scipy.stats
 
 import samplers.parallel_tempering as pt
 from exact_checks import evidence_check, posterior_check
-from models.llm.rewards import ProgrammaticStepVerifier, TokenPairReward
-from models.llm.ssm import AGGREGATIONS, PURI_LINKS, WEIGHTINGS, LLMFeynmanKac
-from models.llm.step_lm import MarkovStepLM
+from models.llm_fk.rewards import ProgrammaticStepVerifier, TokenPairReward
+from models.llm_fk.ssm import AGGREGATIONS, PURI_LINKS, WEIGHTINGS, LLMFeynmanKac
+from models.llm_fk.step_lm import MarkovStepLM
 from models.markov_lm import MarkovLMFeynmanKac, token_constraint, toy_reasoning_model
 from models.markov_lm_exact import enumerate_sequences, forward_answer_posterior
 from samplers.smc import smc

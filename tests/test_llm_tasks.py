@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.llm.tasks import (
+from app.tasks import (
     FAMILIES,
     acrostic,
     closed_set,

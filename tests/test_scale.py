@@ -1,7 +1,7 @@
-"""The scaling experiment (models.llm.scale): the loop, statistics, PF-vs-BoN line, files and CLI.
+"""The scaling experiment (app.scale): the loop, statistics, PF-vs-BoN line, files and CLI.
 
 Fast tests drive the loop with a fake method (no LLM); the smoke test runs the real methods (pf,
-bon from models.llm.methods) end to end on a tiny random Llama with SmolLM2's tokenizer.
+bon from app.methods) end to end on a tiny random Llama with SmolLM2's tokenizer.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import types
 import numpy as np
 import pytest
 
-from models.llm import scale
-from models.llm.scale import (
+from app import scale
+from app.scale import (
     ScaleConfig,
     format_table,
     pf_matching_budget,
@@ -24,7 +24,7 @@ from models.llm.scale import (
     run_experiment,
     summarize,
 )
-from models.llm.tasks import get_tasks
+from app.tasks import get_tasks
 
 # ------------------------------------------------------------------------------------------------
 # a fake LM / method: deterministic success probabilities, so accuracies are known exactly
@@ -215,8 +215,8 @@ def test_cli_parser(tmp_path, capsys):
     assert (args.task, args.methods, args.budgets, args.seeds, args.num_prompts) == (
         "closed_set", "pf,bon", "1,2", 1, 2)
     assert (args.max_steps, args.max_step_tokens) == (3, 4)
-    # the console script `ppl scale` parses the same options (models/cli.py), incl. the pg/ptpg ones
-    from models import cli
+    # the console script `ppl scale` parses the same options (app/cli.py), incl. the pg/ptpg ones
+    from app import cli
 
     args = cli.build_parser().parse_args(["scale", "--task", "acrostic", "--pg-iterations", "1",
                                           "--num-chains", "2"])
@@ -233,7 +233,7 @@ def test_smoke_real_methods_tiny_model(tmp_path):
     import jax
 
     from models.llm import ModelConfig, Sampling, gguf_loader, init_random, smollm2_path
-    from models.llm.step_lm import StepLM
+    from models.llm_fk.step_lm import StepLM
     from models.llm.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf_metadata(gguf_loader.open_gguf(smollm2_path()).metadata)

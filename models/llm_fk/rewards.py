@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from models.llm.step_lm import AbstractStepLM
+from models.llm_fk.step_lm import AbstractStepLM
 
 __all__ = [
     "RewardModel",

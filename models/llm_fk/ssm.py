@@ -3,7 +3,7 @@
 Following Puri et al. (2025), a completion is built in reasoning steps x_1, x_2, ...: the state is
 the prefix x_{1:t} (a :class:`LLMParticle`: token buffer + KV cache + lengths + step count + done
 flag), the transition M_t is the LM sampling the next step (tokens up to a delimiter, EOS, or a
-per-step cap), and a reward model gives r̂_t = r̂(x_{1:t}) ∈ [0, 1] (:mod:`models.llm.rewards`),
+per-step cap), and a reward model gives r̂_t = r̂(x_{1:t}) ∈ [0, 1] (:mod:`models.llm_fk.rewards`),
 aggregated over steps into R_t (``aggregation``): ``last`` R_t = r̂_t; ``min`` R_t = min_{s≤t} r̂_s;
 ``product`` R_t = ∏_{s≤t} r̂_s; ``model`` the reward model's own rule. With a softmax temperature τ
 (β = 1/τ) the potentials are (``weighting``):
@@ -45,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from models.llm.rewards import RewardModel, host_fn, host_fn_id, host_rows
-from models.llm.step_lm import AbstractStepLM
+from models.llm_fk.rewards import RewardModel, host_fn, host_fn_id, host_rows
+from models.llm_fk.step_lm import AbstractStepLM
 from ppl.feynman_kac import AbstractFeynmanKac
 
 __all__ = [
@@ -189,9 +189,9 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         """Prefill the prompt and bind the reward model (host side).
 
         Args:
-            lm: a step LM (:class:`~models.llm.step_lm.StepLM`, :class:`~models.llm.step_lm.MarkovStepLM`).
+            lm: a step LM (:class:`~models.llm_fk.step_lm.StepLM`, :class:`~models.llm_fk.step_lm.MarkovStepLM`).
             prompt_ids: the prompt's token ids (chat template already applied).
-            reward: a :class:`~models.llm.rewards.RewardModel`.
+            reward: a :class:`~models.llm_fk.rewards.RewardModel`.
             max_steps: step cap; a particle is finished after ``max_steps`` steps.
             max_step_tokens: token cap of one step.
             max_new_tokens: buffer for the completion (default ``max_steps · max_step_tokens``);
@@ -205,7 +205,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
                 search); ``False`` scores only when :meth:`score` is called (best-of-N, voting),
                 with ``aggregation="last"``.
             answer_fn: ``fn(completion_ids) -> Hashable`` for votes (default: the ids themselves),
-                passed to the compiled code by id (:func:`~models.llm.rewards.host_fn_id`);
+                passed to the compiled code by id (:func:`~models.llm_fk.rewards.host_fn_id`);
                 answer_ids_fn: a jnp alternative
                 ``fn(tokens, lengths, prompt_lengths) -> int [N]``.
         """

@@ -1,6 +1,6 @@
 """A small "step" protocol over language models, shared by the JAX transformer and the Markov LM.
 
-The LLM state-space model (:mod:`models.llm.ssm`) and its reward models only ever call the
+The LLM state-space model (:mod:`models.llm_fk.ssm`) and its reward models only ever call the
 methods of :class:`AbstractStepLM`, batched over a leading particle axis N:
 
 - ``prefill(prompt_ids, max_new_tokens)`` (host): the decoding state of the prompt, batch 1;
