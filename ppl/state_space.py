@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, PyTree
 
 from ppl.feynman_kac import AbstractFeynmanKac
 
-__all__ = ["StateSpaceModel", "BootstrapFilter", "GuidedFilter"]
+__all__ = ["StateSpaceModel", "BootstrapFilter", "OnlineBootstrapFilter", "GuidedFilter"]
 
 
 class StateSpaceModel(eqx.Module):
@@ -64,6 +64,13 @@ class StateSpaceModel(eqx.Module):
         horizon = _horizon(observations)
         _check_observation_shapes(self, observations)
         return BootstrapFilter(self, observations, horizon)
+
+    def bootstrap_online(self, observation: PyTree) -> "OnlineBootstrapFilter":
+        """The bootstrap filter's model for the one observation y_t that just arrived (leaves
+        without a time axis), for online filtering with :mod:`samplers.smc_kernel`: carry the
+        kernel's state between calls and build this model with each new y_t. Every such model
+        has the same structure, so a jitted ``step`` compiles once."""
+        return OnlineBootstrapFilter(self, observation)
 
     def guided(self, observations: PyTree, proposal: Callable) -> "GuidedFilter":
         """Guided Feynman-Kac model with ``proposal(params, t, x_prev_or_None, y_t) -> Distribution``
@@ -169,6 +176,25 @@ class BootstrapFilter(AbstractFeynmanKac):
         return jax.vmap(lambda xp, x: _logp(self.ssm.transition(self.ssm.params, t, xp), x))(
             previous, particles
         )
+
+
+class OnlineBootstrapFilter(BootstrapFilter):
+    """Bootstrap filter whose ``observations`` is the current y_t alone (no time axis): each
+    kernel step is given the model of the observation that just arrived
+    (:meth:`StateSpaceModel.bootstrap_online`). The step index t still reaches the transition."""
+
+    num_steps: None = eqx.field(static=True, default=None)
+
+    def __init__(self, ssm: StateSpaceModel, observation: PyTree):
+        self.ssm = ssm
+        self.observations = observation
+        self.num_steps = None
+
+    def log_potential(self, t, previous, particles) -> Float[Array, " N"]:
+        y = self.observations
+        if self.ssm.vectorized:
+            return _logp_batched(self.ssm.observation(self.ssm.params, t, particles), y, particles)
+        return jax.vmap(lambda x: _logp(self.ssm.observation(self.ssm.params, t, x), y))(particles)
 
 
 class GuidedFilter(BootstrapFilter):
