@@ -50,6 +50,9 @@ class AbstractFeynmanKac(eqx.Module):
       new model (same pytree structure) chosen from the current weighted population, after the move
       of step t and before its potential is computed. Tempering chooses λ_t here.
     - ``info()``: a pytree recorded at every step (e.g. the tempering exponent).
+    - ``step_info(t, previous, particles)``: per-step statistics of the move from ``previous`` to
+      ``particles`` (e.g. tokens generated, reward calls), recorded by the engine in
+      ``SMCInfo.step_info`` without making the model adaptive. ``previous`` is ``None`` at t = 0.
 
     Attributes: ``num_steps`` (a static field or class attribute: the horizon T, or ``None`` /
     absent for a variable horizon ended by ``done``) and the class variable ``is_adaptive``.
@@ -92,6 +95,11 @@ class AbstractFeynmanKac(eqx.Module):
 
     def info(self) -> PyTree:
         """A pytree recorded at every step (``None``: nothing recorded)."""
+        return None
+
+    def step_info(self, t: Int[Array, ""], previous: Particles | None, particles: Particles) -> PyTree:
+        """Per-step statistics of the move ``previous → particles`` (``None``: nothing recorded).
+        ``previous`` is ``None`` at t = 0 (the draw from M_0)."""
         return None
 
 

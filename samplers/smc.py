@@ -68,6 +68,8 @@ class SMCResult(NamedTuple):
             weighted) particles among the last step's particles; ``None`` otherwise.
         model: the final model (adaptive models change their leaves along the run).
         model_info: per-step ``model.info()`` (e.g. tempering exponents), or ``None``.
+        step_info: per-step ``model.step_info(t, previous, particles)`` (leading axis T; zeros
+            past ``num_steps``), or ``None``.
     """
 
     particles: PyTree
@@ -84,6 +86,7 @@ class SMCResult(NamedTuple):
     model: Any
     model_info: Any
     final_ancestors: Int[Array, " N"] | None = None
+    step_info: Any = None
 
 
 def _validate(model, num_particles, ess_threshold, num_steps, max_steps, resample_schedule):
@@ -219,7 +222,9 @@ def _smc_jit(
     conditional = reference is not None
     ref0 = jax.tree.map(lambda r: r[0], reference) if conditional else None
     state0 = smc_kernel.init(key_init, model, n, reference=ref0)
-    info0 = (eqx.combine(state0.model, model) if model.is_adaptive else model).info()
+    model0 = eqx.combine(state0.model, model) if model.is_adaptive else model
+    info0 = model0.info()
+    step_info0 = model0.step_info(jnp.asarray(0, jnp.int32), None, state0.particles)
 
     def kernel_step(state, k, t):
         ref_t = None
@@ -250,6 +255,7 @@ def _smc_jit(
         resampled = _prepend(jnp.asarray(False), infos.resampled)
         increments = _prepend(state0.log_evidence, infos.log_evidence_increment)
         model_info = _prepend(info0, infos.model_info)
+        step_info = _prepend(step_info0, infos.step_info)
         if store_history:
             ancestors = _prepend(jnp.arange(n, dtype=jnp.int32), infos.ancestors)
             hist_particles, hist_log_w = _prepend((state0.particles, state0.log_weights), rows)
@@ -268,6 +274,7 @@ def _smc_jit(
                 "resampled": bufs["resampled"].at[t].set(info.resampled),
                 "increments": bufs["increments"].at[t].set(info.log_evidence_increment),
                 "model_info": put(bufs["model_info"], info.model_info),
+                "step_info": put(bufs["step_info"], info.step_info),
             }
             if store_history:
                 out["ancestors"] = bufs["ancestors"].at[t].set(info.ancestors)
@@ -279,6 +286,7 @@ def _smc_jit(
             "resampled": jnp.zeros((length,), bool),
             "increments": jnp.zeros((length,)).at[0].set(state0.log_evidence),
             "model_info": jax.tree.map(lambda x: _buffer(x, length), info0),
+            "step_info": jax.tree.map(lambda x: _buffer(x, length), step_info0),
         }
         if store_history:
             bufs0["ancestors"] = _buffer(jnp.arange(n, dtype=jnp.int32), length)
@@ -298,7 +306,7 @@ def _smc_jit(
         )
         at_cap = ~all_done(state)
         ess, resampled, increments = bufs["ess"], bufs["resampled"], bufs["increments"]
-        model_info = bufs["model_info"]
+        model_info, step_info = bufs["model_info"], bufs["step_info"]
         if store_history:
             ancestors = bufs["ancestors"]
             hist_particles, hist_log_w = bufs["rows"]
@@ -326,4 +334,5 @@ def _smc_jit(
         model=final_model,
         model_info=model_info if info0 is not None else None,
         final_ancestors=final_ancestors,
+        step_info=step_info if step_info0 is not None else None,
     )

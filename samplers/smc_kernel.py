@@ -82,6 +82,8 @@ class SMCInfo(NamedTuple):
         log_evidence_increment: log(Ẑ_t / Ẑ_{t−1}) = log Σ_i W_{t−1}^{a^i} G_t^i.
         num_nan_potentials: NaN log-potentials at this step.
         model_info: ``model.info()`` after the step (e.g. a tempering exponent), or ``None``.
+        step_info: ``model.step_info(t, previous, particles)`` (statistics of the move, e.g.
+            tokens generated), or ``None``.
     """
 
     ancestors: Int[Array, " N"]
@@ -90,6 +92,7 @@ class SMCInfo(NamedTuple):
     log_evidence_increment: Float[Array, ""]
     num_nan_potentials: Int[Array, ""]
     model_info: Any
+    step_info: Any = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,6 +381,7 @@ def step(
         log_evidence_increment=inc,
         num_nan_potentials=nans,
         model_info=mdl.info(),
+        step_info=mdl.step_info(t, previous, moved),
     )
     return new_state, info
 

@@ -157,3 +157,19 @@ def test_resample_final_equally_weighted_and_unbiased():
 
     assert centred(np.asarray(xs).mean(axis=1) - weighted)
     assert not centred(np.asarray(plain).mean(axis=1) - weighted)  # ignores the weights
+
+
+class _CountingModel(type(MODEL)):
+    """The bootstrap filter with a per-step statistic: the number of particles moved."""
+
+    def step_info(self, t, previous, particles):
+        return {"moved": jnp.asarray(particles.shape[0], jnp.int32), "t": jnp.asarray(t, jnp.int32)}
+
+
+def test_step_info_hook_is_recorded_per_step():
+    model = _CountingModel(MODEL.ssm, MODEL.observations, MODEL.num_steps)
+    res = smc(jax.random.key(0), model, 8)
+    np.testing.assert_array_equal(res.step_info["t"], np.arange(T))
+    np.testing.assert_array_equal(res.step_info["moved"], np.full(T, 8))
+    assert res.model is None  # the model is not adaptive: nothing else travels in the loop
+    assert smc(jax.random.key(0), MODEL, 8).step_info is None
