@@ -50,6 +50,11 @@ class AbstractFeynmanKac(eqx.Module):
       new model (same pytree structure) chosen from the current weighted population, after the move
       of step t and before its potential is computed. Tempering chooses λ_t here.
     - ``info()``: a pytree recorded at every step (e.g. the tempering exponent).
+    - ``previous_view(particles)``: the part of x_{t−1} that ``log_potential`` needs (default: all
+      of it). Models with big particles (an LLM's KV cache) return a small view, so that the move
+      can update the particles in place instead of keeping x_{t−1} beside x_t.
+    - ``move_keeps_done`` (class variable): the model's own ``move`` leaves ``done`` particles
+      unchanged, so the engine skips its row-select over every leaf.
     - ``step_info(t, previous, particles)``: per-step statistics of the move from ``previous`` to
       ``particles`` (e.g. tokens generated, reward calls), recorded by the engine in
       ``SMCInfo.step_info`` without making the model adaptive. ``previous`` is ``None`` at t = 0.
@@ -59,6 +64,7 @@ class AbstractFeynmanKac(eqx.Module):
     """
 
     is_adaptive: ClassVar[bool] = False
+    move_keeps_done: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, key: PRNGKeyArray, num_particles: int) -> Particles:
@@ -96,6 +102,10 @@ class AbstractFeynmanKac(eqx.Module):
     def info(self) -> PyTree:
         """A pytree recorded at every step (``None``: nothing recorded)."""
         return None
+
+    def previous_view(self, particles: Particles) -> PyTree:
+        """What ``log_potential`` and ``step_info`` read of x_{t−1} (default: the particles)."""
+        return particles
 
     def step_info(self, t: Int[Array, ""], previous: Particles | None, particles: Particles) -> PyTree:
         """Per-step statistics of the move ``previous → particles`` (``None``: nothing recorded).

@@ -348,10 +348,11 @@ def step(
         log_w_anc = jnp.take(log_w, ancestors)
         log_w = jnp.where(flag, -log_n + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
 
-    # 2. move (finished particles stay)
-    moved = mdl.move(k_move, t, previous)
+    # 2. move (finished particles stay); only the model's view of x_{t-1} outlives the move
     done = mdl.done(previous)
-    if done is not None:
+    view = mdl.previous_view(previous)
+    moved = mdl.move(k_move, t, previous)
+    if done is not None and not mdl.move_keeps_done:
         moved = _where_rows(done, previous, moved)
     if conditional:
         moved = _set_row0(moved, reference)
@@ -359,7 +360,7 @@ def step(
     # 3. adapt, weight
     if model.is_adaptive:
         mdl = mdl.adapt(t, moved, log_w)
-    log_g = _check_potential(mdl.log_potential(t, previous, moved), n, "step t")
+    log_g = _check_potential(mdl.log_potential(t, view, moved), n, "step t")
     if done is not None:
         log_g = jnp.where(done, 0.0, log_g)
     log_w, inc, dead, ess, nans = reweight(log_w, log_g)
@@ -381,7 +382,7 @@ def step(
         log_evidence_increment=inc,
         num_nan_potentials=nans,
         model_info=mdl.info(),
-        step_info=mdl.step_info(t, previous, moved),
+        step_info=mdl.step_info(t, view, moved),
     )
     return new_state, info
 
