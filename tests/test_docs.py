@@ -50,7 +50,9 @@ def test_mkdocs_build_strict(tmp_path):
         name = "" if page.stem == "index" else page.stem
         assert (tmp_path / "site" / name / "index.html").is_file(), f"{page.name} not built"
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for obj in ("samplers.smc.smc", "samplers.smc.SMCResult", "ppl.feynman_kac.AbstractFeynmanKac",
+    for obj in ("samplers.smc.smc", "samplers.smc.SMCResult", "samplers.smc_kernel.step",
+                "samplers.smc_kernel.SMCState", "samplers.tempering.tempered_smc",
+                "app.scale", "models.diffusion", "ppl.feynman_kac.AbstractFeynmanKac",
                 "samplers.resampling.Systematic", "ppl.state_space.StateSpaceModel"):
         assert f'id="{obj}"' in api, f"API reference lacks {obj}"
 
@@ -93,3 +95,19 @@ def test_getting_started_code_runs(tmp_path):
     )
     assert proc.returncode == 0, f"getting_started.md code failed:\n{proc.stdout}\n{proc.stderr}"
     assert "mean Z-hat/Z" in proc.stdout
+
+
+@pytest.mark.slow
+def test_smc_kernel_page_code_runs(tmp_path):
+    """The online-filtering example of smc_kernel.md runs, compiles its step once and tracks the
+    Kalman filter."""
+    blocks = _python_blocks((DOCS / "smc_kernel.md").read_text())
+    assert blocks, "smc_kernel.md lost its code block"
+    script = tmp_path / "smc_kernel_page.py"
+    script.write_text("\n\n".join(blocks))
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"smc_kernel.md code failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "step compiled 1 time(s)" in proc.stdout
