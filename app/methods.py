@@ -57,7 +57,8 @@ from models.llm_fk.rewards import (
     TokenPairReward,
     TokenVerifier,
 )
-from models.llm_fk.ssm import LLMFeynmanKac, answer_table
+from models.llm_fk import strategies
+from models.llm_fk.ssm import LLMFeynmanKac, total_compute
 from models.llm_fk.step_lm import AbstractStepLM, MarkovStepLM, StepLM
 from samplers.parallel_tempering import initial_paths, parallel_tempering_pg
 from samplers.search import beam_search, best_of_n, dvts, self_consistency, weighted_best_of_n
@@ -175,8 +176,8 @@ def _pf_core(key, model, *, n, resampling, ess_threshold):
               max_steps=model.max_steps)
     flags = dict(extinct=res.extinct, num_nan_potentials=res.num_nan_potentials,
                  reached_max_steps=res.reached_max_steps, num_steps=res.num_steps)
-    return (_final(res.particles, res.log_weights), res.log_evidence, res.model.tokens_generated,
-            res.model.reward_calls, flags)
+    tokens, calls = total_compute(res.step_info)
+    return _final(res.particles, res.log_weights), res.log_evidence, tokens, calls, flags
 
 
 def _temper(model, beta):
@@ -192,8 +193,8 @@ def _record(path):
 
 
 def _sweep_summary(res):
-    return (_final(res.particles, res.log_weights), res.model.tokens_generated,
-            res.model.reward_calls, res.extinct, res.num_nan_potentials)
+    tokens, calls = total_compute(res.step_info)
+    return _final(res.particles, res.log_weights), tokens, calls, res.extinct, res.num_nan_potentials
 
 
 @eqx.filter_jit
@@ -209,8 +210,9 @@ def _pt_core(key, model, betas, *, n, iterations, ancestor_sampling, resampling,
         max_steps=model.max_steps, swap=swap, record_fn=_record, sweep_fn=_sweep_summary,
     )
     finals, tok, calls, extinct, nans = out.sweeps
-    tokens = jnp.sum(init.model.tokens_generated) + jnp.sum(tok)
-    reward_calls = jnp.sum(init.model.reward_calls) + jnp.sum(calls)
+    init_tokens, init_calls = total_compute(init.step_info)  # summed over the chains too
+    tokens = init_tokens + jnp.sum(tok)
+    reward_calls = init_calls + jnp.sum(calls)
     flags = dict(num_extinct_sweeps=jnp.sum(extinct) + jnp.sum(init.extinct),
                  num_nan_potentials=jnp.sum(nans) + jnp.sum(init.num_nan_potentials),
                  swap_proposed=out.swap_proposed, swap_accepted=out.swap_accepted)
@@ -291,7 +293,7 @@ def run_method(
     temperature: float = 1.0,
     weighting: str = "twisted",
     aggregation: str = "last",
-    puri_link: str = "logit",
+    puri_link: str | None = None,
     pg_iterations: int = 4,
     num_chains: int = 4,
     chain_betas: Sequence[float] | None = None,
@@ -338,7 +340,7 @@ def run_method(
     if method == "sc":
         eager = False
     elif method in ("bon", "wbon"):
-        eager = aggregation != "last"
+        eager = not isinstance(strategies.aggregation(aggregation), strategies.LastAggregation)
     else:
         eager = True
     model = build_model(
@@ -348,7 +350,7 @@ def run_method(
         score_steps=eager,
     )
     if ess_threshold is None:
-        ess_threshold = 1.0 if weighting == "puri" else 0.5
+        ess_threshold = model.weighting.default_ess_threshold
     rng = np.random.default_rng(seed_selection)
     fn = answer_fn if answer_fn is not None else tuple
 
@@ -423,7 +425,7 @@ def run_method(
             res = beam_search(key, model, k, m, max_steps=max_steps)
         else:
             res = dvts(key, model, k, m, max_steps=max_steps)
-    table = answer_table(model.answer_fn_id)
+    table = model.answer_table()
     ids = np.asarray(res.answers)
     valid = np.asarray(res.valid)
     all_answers = [table.values[int(a)] for a, v in zip(ids, valid) if v]

@@ -37,8 +37,10 @@ import numpy as np
 
 __all__ = [
     "ScaleConfig",
+    "method_names",
     "load_step_lm",
     "make_reward",
+    "ExperimentHost",
     "run_experiment",
     "summarize",
     "pf_matching_budget",
@@ -52,13 +54,20 @@ __all__ = [
     "main",
 ]
 
-DEFAULT_METHODS = ("pf", "pg", "ptpg", "bon", "wbon", "sc", "beam", "dvts")
 REWARDS = ("step", "final")
 
 
 # ------------------------------------------------------------------------------------------------
 # configuration
 # ------------------------------------------------------------------------------------------------
+
+
+def method_names() -> tuple[str, ...]:
+    """The names of the registered methods (:data:`app.methods.METHODS`), the ``--methods``
+    choices."""
+    from app.methods import METHODS
+
+    return tuple(METHODS)
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -77,7 +86,7 @@ class ScaleConfig:
     def __init__(
         self,
         task: str,
-        methods: Sequence[str] = DEFAULT_METHODS,
+        methods: Sequence[str] | None = None,
         budgets: Sequence[int] = (1, 2, 4, 8, 16, 32),
         seeds: int = 2,
         num_prompts: int | None = None,
@@ -92,10 +101,11 @@ class ScaleConfig:
 
         if task not in FAMILIES:
             raise ValueError(f"unknown task {task!r}; choose from {sorted(FAMILIES)}")
-        methods = [m.strip() for m in methods if m.strip()]
-        bad = [m for m in methods if m not in DEFAULT_METHODS]
+        known = method_names()
+        methods = list(known) if methods is None else [m.strip() for m in methods if m.strip()]
+        bad = [m for m in methods if m not in known]
         if not methods or bad:
-            raise ValueError(f"methods must be among {DEFAULT_METHODS}, got {bad or methods}")
+            raise ValueError(f"methods must be among {known}, got {bad or methods}")
         budgets = sorted(set(int(b) for b in budgets))
         if not budgets or budgets[0] < 1:
             raise ValueError(f"budgets must be positive integers, got {budgets}")
@@ -144,29 +154,44 @@ def load_step_lm(temperature: float = 0.7, delimiter: str = "\n"):
                   Sampling(temperature=float(temperature)))
 
 
-_REWARDS: dict = {}
-_ANSWERS: dict = {}
-
-
-def make_reward(task, kind: str = "step"):
-    """The reward model of a task: its step verifier (process reward) or final verifier (outcome)."""
+def make_reward(task, kind: str = "step", callbacks=None):
+    """The reward model of a task: its step verifier (process reward) or final verifier (outcome),
+    its function registered in ``callbacks`` (a :class:`~models.llm_fk.rewards.HostCallbacks`)."""
     from models.llm_fk.rewards import FinalAnswerVerifier, ProgrammaticStepVerifier
 
     if kind not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
-    k = (task, kind)
-    if k not in _REWARDS:  # one registered host function per task (no growth across runs)
-        _REWARDS[k] = (ProgrammaticStepVerifier(task.step_score) if kind == "step"
-                       else FinalAnswerVerifier(task.final_score))
-    return _REWARDS[k]
+    if kind == "step":
+        return ProgrammaticStepVerifier(task.step_score, callbacks=callbacks)
+    return FinalAnswerVerifier(task.final_score, callbacks=callbacks)
 
 
-def _answer_fn(task, lm) -> Callable[[list[int]], str]:
-    k = (task, id(lm.tokenizer))
-    if k not in _ANSWERS:
-        decode = lm.decode
-        _ANSWERS[k] = lambda ids: task.answer(decode(ids))
-    return _ANSWERS[k]
+class ExperimentHost:
+    """The host side of one experiment: one :class:`~models.llm_fk.rewards.HostCallbacks` shared by
+    every run (rewards of different tasks differ only in a function id, so a (method, budget) cell
+    compiles once), and one reward model and answer function per task. Lives as long as the
+    experiment (no module-level cache)."""
+
+    def __init__(self, kind: str = "step"):
+        from models.llm_fk.rewards import HostCallbacks
+
+        if kind not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
+        self.kind = kind
+        self.callbacks = HostCallbacks()
+        self._rewards: dict = {}
+        self._answers: dict = {}
+
+    def reward(self, task):
+        if task not in self._rewards:
+            self._rewards[task] = make_reward(task, self.kind, self.callbacks)
+        return self._rewards[task]
+
+    def answer_fn(self, task, lm) -> Callable[[list[int]], str]:
+        if task not in self._answers:
+            decode = lm.decode
+            self._answers[task] = lambda ids: task.answer(decode(ids))
+        return self._answers[task]
 
 
 def run_key(seed: int, prompt_index: int):
@@ -177,14 +202,17 @@ def run_key(seed: int, prompt_index: int):
 
 
 def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cfg: ScaleConfig,
-            max_steps: int, run_fn: Callable | None = None) -> dict:
-    """One run; returns a JSON-able row (correctness decided by the task's program)."""
+            max_steps: int, run_fn: Callable | None = None, host: ExperimentHost | None = None) -> dict:
+    """One run; returns a JSON-able row (correctness decided by the task's program). ``host``: the
+    experiment's host functions (default: a new :class:`ExperimentHost`, for a single run)."""
     if run_fn is None:
         from app.methods import run_method as run_fn
+    if host is None:
+        host = ExperimentHost(cfg.reward)
     prompt_ids = task.prompt_ids(lm.tokenizer)
     t0 = time.perf_counter()
-    res = run_fn(method, run_key(seed, prompt_index), lm, prompt_ids, make_reward(task, cfg.reward),
-                 budget, answer_fn=_answer_fn(task, lm), max_steps=max_steps,
+    res = run_fn(method, run_key(seed, prompt_index), lm, prompt_ids, host.reward(task),
+                 budget, answer_fn=host.answer_fn(task, lm), max_steps=max_steps,
                  max_step_tokens=cfg.max_step_tokens, **cfg.method_options)
     elapsed = time.perf_counter() - t0
     c = res.compute
@@ -237,11 +265,12 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
     jobs = [(m, b, i, s) for i in range(len(tasks)) for s in range(cfg.seeds) for m in cfg.methods
             for b in cfg.budgets]
     todo = [j for j in jobs if j not in done]
+    host = ExperimentHost(cfg.reward)
     bar = tqdm(todo, desc=f"scale {cfg.task}", disable=not progress, dynamic_ncols=True)
     last_save = time.perf_counter()
     for m, b, i, s in bar:
         bar.set_postfix_str(f"{m}@{b} prompt {i} seed {s}")
-        rows.append(run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn))
+        rows.append(run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn, host))
         if save and time.perf_counter() - last_save > 30:
             _save_rows(path, cfg, rows, max_steps)
             last_save = time.perf_counter()
@@ -518,8 +547,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     from app.tasks import FAMILIES
 
     p.add_argument("--task", required=True, choices=sorted(FAMILIES), help="task family")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated, among " + ",".join(DEFAULT_METHODS))
+    names = method_names()
+    p.add_argument("--methods", default=",".join(names),
+                   help="comma-separated, among " + ",".join(names) + " (the registry app.methods.METHODS)")
     p.add_argument("--budgets", default="1,2,4,8,16,32", help="comma-separated budgets")
     p.add_argument("--seeds", type=int, default=2, help="independent seeds per prompt")
     p.add_argument("--num-prompts", type=int, default=None, help="first prompts of the family (default all)")

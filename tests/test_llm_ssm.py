@@ -20,6 +20,7 @@ always accepted) and asserts that the same check rejects it.
 
 from __future__ import annotations
 
+import dataclasses
 
 import equinox as eqx
 import jax
@@ -31,7 +32,16 @@ import scipy.stats
 import samplers.parallel_tempering as pt
 from exact_checks import evidence_check, posterior_check
 from models.llm_fk.rewards import ProgrammaticStepVerifier, TokenPairReward
-from models.llm_fk.ssm import AGGREGATIONS, PURI_LINKS, WEIGHTINGS, LLMFeynmanKac
+from models.llm_fk.ssm import LLMFeynmanKac
+from models.llm_fk.strategies import (
+    LastAggregation,
+    LogitLink,
+    LogLink,
+    MinAggregation,
+    ProductAggregation,
+    PuriWeighting,
+    TwistedWeighting,
+)
 from models.llm_fk.step_lm import MarkovStepLM
 from models.markov_lm import MarkovLMFeynmanKac, token_constraint, toy_reasoning_model
 from models.markov_lm_exact import enumerate_sequences, forward_answer_posterior
@@ -206,65 +216,65 @@ def test_exact_reference_matches_forward_recursion(exact):
 # particle filtering: every weighting mode in one compiled call
 # ------------------------------------------------------------------------------------------------
 
-# (weighting, aggregation, puri link, per-step reward, p/q correction); steps are drawn from q
+# (weighting, aggregation, per-step reward, p/q correction); steps are drawn from q. Strategies are
+# classes (each its own compiled program); per-step and p/q are array leaves (vmapped over)
 CONFIGS = {
-    "twisted_last": ("twisted", "last", "logit", False, True),
-    "twisted_product": ("twisted", "product", "logit", True, True),
-    "twisted_min": ("twisted", "min", "logit", True, True),
-    "puri_logit": ("puri", "last", "logit", False, False),
-    "broken_no_ratio": ("puri", "last", "log", False, True),  # R_t^β, not R_t^β / R_{t-1}^β
-    "broken_no_correction": ("twisted", "last", "logit", False, False),  # targets q R^β
+    "twisted_last": (TwistedWeighting(), LastAggregation(), False, True),
+    "twisted_product": (TwistedWeighting(), ProductAggregation(), True, True),
+    "twisted_min": (TwistedWeighting(), MinAggregation(), True, True),
+    "puri_logit": (PuriWeighting(link=LogitLink()), LastAggregation(), False, False),
+    "broken_no_ratio": (PuriWeighting(link=LogLink()), LastAggregation(), False, True),  # R_t^β, not R_t^β / R_{t-1}^β
+    "broken_no_correction": (TwistedWeighting(), LastAggregation(), False, False),  # targets q R^β
 }
 
 
-def _codes():
-    cols = list(zip(*CONFIGS.values()))
-    return (jnp.asarray([WEIGHTINGS.index(w) for w in cols[0]], jnp.int32),
-            jnp.asarray([AGGREGATIONS.index(a) for a in cols[1]], jnp.int32),
-            jnp.asarray([PURI_LINKS.index(x) for x in cols[2]], jnp.int32),
-            jnp.asarray(cols[3]), jnp.asarray(cols[4]))
-
-
-def _configured(model, code):
-    w, a, link, per_step, correct = code
-    return eqx.tree_at(
-        lambda m: (m.weighting_code, m.aggregation_code, m.link_code, m.reward.per_step,
-                   m.correct_proposal),
-        model, (w, a, link, per_step, correct))
+def _configured(model, weighting, aggregation):
+    return dataclasses.replace(model, weighting=weighting, aggregation=aggregation)
 
 
 @eqx.filter_jit
-def _pf_many(model, codes, keys):
-    def per_config(code, ks):
-        m = _configured(model, code)
+def _pf_many(m, flags, keys):
+    def per_config(flag, ks):
+        per_step, correct = flag
+        mc = eqx.tree_at(lambda x: (x.reward.per_step, x.correct_proposal), m, (per_step, correct))
 
         def one(k):
-            res = smc(k, m, N_PF, resampling="systematic", ess_threshold=0.5,
-                      max_steps=m.max_steps, store_history=True)
+            res = smc(k, mc, N_PF, resampling="systematic", ess_threshold=0.5,
+                      max_steps=mc.max_steps, store_history=True)
             h = res.history
             # independent compute count: growth of every particle over its ancestor, every step
             prev_len = jnp.take_along_axis(h.particles.lm.lengths[:-1], h.ancestors[1:], axis=1)
             grown = h.particles.lm.lengths[1:] - prev_len
-            valid = jnp.arange(1, m.max_steps) < res.num_steps
-            first = h.particles.lm.lengths[0] - m.prompt_state.lengths[0]
+            valid = jnp.arange(1, mc.max_steps) < res.num_steps
+            first = h.particles.lm.lengths[0] - mc.prompt_state.lengths[0]
             tokens = jnp.sum(first) + jnp.sum(jnp.where(valid[:, None], grown, 0))
             calls = N_PF + jnp.sum(jnp.where(valid[:, None], grown > 0, False))
             return dict(log_z=res.log_evidence, log_w=res.log_weights,
-                        answer=m.answer(res.particles), done=res.particles.done,
+                        answer=mc.answer(res.particles), done=res.particles.done,
                         extinct=res.extinct, nan=res.num_nan_potentials,
-                        tokens=res.model.tokens_generated, calls=res.model.reward_calls,
+                        tokens=jnp.sum(res.step_info["tokens"]),
+                        calls=jnp.sum(res.step_info["reward_calls"]),
                         tokens_hist=tokens, calls_hist=calls)
 
         return jax.vmap(one)(ks)
 
-    return jax.vmap(per_config)(codes, keys)
+    return jax.vmap(per_config)(flags, keys)
 
 
 @pytest.fixture(scope="module")
 def pf_runs(pf_model):
     keys = jax.random.split(jax.random.key(7), len(CONFIGS) * R_RUNS).reshape(len(CONFIGS), R_RUNS)
-    out = jax.tree.map(np.asarray, _pf_many(pf_model, _codes(), keys))
-    return {name: jax.tree.map(lambda x, i=i: x[i], out) for i, name in enumerate(CONFIGS)}
+    groups: dict = {}  # configurations with the same strategies share one compiled program
+    for i, (name, (w, a, per_step, correct)) in enumerate(CONFIGS.items()):
+        groups.setdefault((w, a), []).append((i, name, per_step, correct))
+    runs = {}
+    for (w, a), members in groups.items():
+        flags = (jnp.asarray([p for _, _, p, _ in members]), jnp.asarray([c for _, _, _, c in members]))
+        ks = keys[jnp.asarray([i for i, _, _, _ in members])]
+        out = jax.tree.map(np.asarray, _pf_many(_configured(pf_model, w, a), flags, ks))
+        for j, (_, name, _, _) in enumerate(members):
+            runs[name] = jax.tree.map(lambda x, j=j: x[j], out)
+    return runs
 
 
 def _sane(run):
@@ -317,8 +327,8 @@ def test_pf_puri_targets_a_different_biased_law(pf_runs, exact):
 
 
 def test_compute_counters_match_genealogy(pf_runs):
-    """Tokens generated and reward calls (the model's adaptive counters) equal counts taken from the
-    stored genealogy: each step, every particle's growth over its ancestor, resampled-away particles
+    """Tokens generated and reward calls (the model's per-step ``step_info``, summed) equal counts
+    taken from the stored genealogy: each step, every particle's growth over its ancestor, resampled-away particles
     included."""
     for name, run in pf_runs.items():
         np.testing.assert_array_equal(run["tokens"], run["tokens_hist"], err_msg=name)
@@ -584,7 +594,8 @@ def test_done_and_validation(base_model):
     np.testing.assert_array_equal(np.asarray(base_model.done(parts)), [True, False])
     paper = base_model.with_options(weighting="puri", reweight_finished=True)
     np.testing.assert_array_equal(np.asarray(paper.done(parts)), [False, False])
-    assert paper.weighting == "puri" and paper.aggregation == "last"
+    assert paper.weighting == PuriWeighting(link=LogitLink(), reweight_finished=True)
+    assert isinstance(paper.aggregation, LastAggregation)
     lm = base_model.lm
     rew = TokenPairReward(PHI, PSI)
     with pytest.raises(ValueError, match="weighting"):
@@ -600,3 +611,112 @@ def test_done_and_validation(base_model):
     with pytest.raises(ValueError, match="score_steps"):
         LLMFeynmanKac.build(lm, [DOT], rew, max_steps=6, max_step_tokens=3, aggregation="min",
                             score_steps=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# no global state, engine hooks, log-scale host rewards
+# ------------------------------------------------------------------------------------------------
+
+
+def _module_containers():
+    """Sizes of every module-level dict / list / set of our LLM Feynman-Kac and app modules."""
+    import sys
+
+    out = {}
+    for name, mod in list(sys.modules.items()):
+        if not (name.startswith("models.llm_fk") or name.startswith("app") or name == "models.markov_lm"):
+            continue
+        for attr, v in vars(mod).items():
+            if isinstance(v, (dict, list, set)) and not attr.startswith("__"):
+                out[(name, attr)] = len(v)
+    return out
+
+
+def _first_word(ids):
+    return ids[0] if ids else -1
+
+
+def test_host_callbacks_are_per_object_and_no_module_registry_grows(base_model):
+    """Host functions and answer tables live in the HostCallbacks object the caller passes: two
+    objects share nothing, and running host verifiers and answers leaves every module-level
+    container of models.llm_fk / app unchanged (there is no module-level registry)."""
+    from models.llm_fk import rewards
+
+    assert not any(hasattr(rewards, n) for n in ("_HOST_FNS", "_HOST_IDS", "host_fn_id", "host_fn"))
+    import models.llm_fk.ssm as ssm_mod
+
+    assert not hasattr(ssm_mod, "_ANSWER_TABLES") and not hasattr(ssm_mod, "answer_table")
+    before = _module_containers()
+    a, b = rewards.HostCallbacks(), rewards.HostCallbacks()
+    lm = base_model.lm
+    models = [LLMFeynmanKac.build(lm, [DOT], ProgrammaticStepVerifier(_text_reward, callbacks=cb), max_steps=6,
+                                  max_step_tokens=3, max_new_tokens=6, answer_fn=_first_word)
+              for cb in (a, b)]
+    assert models[0].callbacks is a and models[1].callbacks is b  # the reward's object by default
+    p = models[0].init(jax.random.key(0), 8)
+    ids_a = np.asarray(models[0].answer(p))
+    assert a.answers(models[0].answer_fn_id).values and not b._tables  # only a's table grew
+    ids_b = np.asarray(models[1].answer(p))
+    np.testing.assert_array_equal(ids_a, ids_b)  # same interning order, separate tables
+    assert a.answers(models[0].answer_fn_id) is not b.answers(models[1].answer_fn_id)
+    assert a.fn(0) is _text_reward and b.fn(0) is _text_reward
+    c = rewards.HostCallbacks()
+    with pytest.raises(KeyError, match="no host function"):
+        c.fn(0)
+    assert _module_containers() == before
+
+
+def test_step_info_previous_view_and_move_keeps_done(base_model):
+    """The protocol hooks: ``previous_view`` holds log R and the step count only (no KV cache or
+    token buffer); ``step_info`` counts the tokens and reward calls of the particles that moved;
+    ``move`` leaves done particles bit-for-bit unchanged (every leaf), so ``move_keeps_done``."""
+    m = base_model
+    assert m.move_keeps_done and not m.is_adaptive
+    p = m.init(jax.random.key(4), 32)
+    view = m.previous_view(p)
+    assert set(view._fields) == {"log_reward", "num_steps"}
+    info0 = m.step_info(jnp.asarray(0), None, p)
+    assert int(info0["tokens"]) == int(jnp.sum(p.step_tokens)) and int(info0["reward_calls"]) == 32
+    for t in range(1, 4):
+        q = m.move(jax.random.key(10 + t), jnp.asarray(t), p)
+        done = np.asarray(p.done)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+            np.testing.assert_array_equal(np.asarray(a)[done], np.asarray(b)[done])
+        info = m.step_info(jnp.asarray(t), m.previous_view(p), q)
+        grown = np.asarray(q.lm.lengths - p.lm.lengths)
+        assert int(info["tokens"]) == grown.sum() and int(info["reward_calls"]) == (~done).sum()
+        # the potential from the view equals the potential from the full previous particles
+        np.testing.assert_array_equal(np.asarray(m.log_potential(jnp.asarray(t), m.previous_view(p), q)),
+                                      np.asarray(m.log_potential(jnp.asarray(t), p, q)))
+        p = q
+    assert np.asarray(p.done).any()
+    # the transformer's step LM does not keep done rows bit-for-bit: the engine must select them
+    from models.llm_fk.step_lm import StepLM
+
+    assert not StepLM.keeps_done_rows
+
+
+def test_log_scale_host_rewards_do_not_underflow(base_model):
+    """A host reward returning log r̂ = −200 survives in float32, where the probability e^−200
+    underflows to 0 (log r̂ = −∞, a killed particle); invalid log-scores (> 0) are NaN."""
+    from models.llm_fk.rewards import FinalAnswerVerifier
+
+    lm = base_model.lm
+
+    def build(reward):
+        return LLMFeynmanKac.build(lm, [DOT], reward, max_steps=6, max_step_tokens=3, max_new_tokens=6,
+                                   answer_ids_fn=last_answer)
+
+    log_step = build(ProgrammaticStepVerifier(lambda text, fin: -200.0, log_scale=True))
+    prob_step = build(ProgrammaticStepVerifier(lambda text, fin: float(np.exp(-200.0))))
+    bad = build(ProgrammaticStepVerifier(lambda text, fin: 0.5, log_scale=True))
+    log_final = build(FinalAnswerVerifier(lambda text: -200.0, log_scale=True))
+    key = jax.random.key(2)
+    np.testing.assert_allclose(np.asarray(log_step.init(key, 4).log_reward), -200.0)
+    assert np.all(np.asarray(prob_step.init(key, 4).log_reward) == -np.inf)
+    assert np.all(np.isnan(np.asarray(bad.init(key, 4).log_reward)))
+    p = log_final.init(key, 16)
+    fin = np.asarray(p.done)
+    lr = np.asarray(p.log_reward)
+    np.testing.assert_allclose(lr[fin], -200.0)
+    np.testing.assert_array_equal(lr[~fin], 0.0)

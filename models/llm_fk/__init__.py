@@ -2,7 +2,9 @@
 
 - :mod:`models.llm_fk.step_lm`: the step protocol over language models (the JAX transformer of
   :mod:`models.llm`, and the exact Markov-chain LM of :mod:`models.markov_lm`);
-- :mod:`models.llm_fk.rewards`: reward models (verifiers, judges), scored incrementally per step;
+- :mod:`models.llm_fk.rewards`: reward models (verifiers, judges), scored incrementally per step,
+  and :class:`HostCallbacks` (the per-experiment table of Python callbacks);
+- :mod:`models.llm_fk.strategies`: weightings, aggregations and links (small ``eqx.Module`` s);
 - :mod:`models.llm_fk.ssm`: :class:`LLMFeynmanKac`, the model the samplers run.
 
 The runtime itself (loaders, tokenizer, transformer, decoding) is :mod:`models.llm`.
@@ -16,18 +18,30 @@ from models.llm_fk.rewards import (
     RewardModel,
     TokenPairReward,
     TokenVerifier,
-    host_fn,
-    host_fn_id,
+    HostAnswer,
+    HostCallbacks,
     host_rows,
 )
 from models.llm_fk.ssm import (
     AGGREGATIONS,
     PURI_LINKS,
     WEIGHTINGS,
-    HostAnswer,
     LLMFeynmanKac,
     LLMParticle,
-    answer_table,
+)
+from models.llm_fk.strategies import (
+    AbstractAggregation,
+    AbstractLink,
+    AbstractWeighting,
+    IdentityLink,
+    LastAggregation,
+    LogitLink,
+    LogLink,
+    MinAggregation,
+    ModelAggregation,
+    ProductAggregation,
+    PuriWeighting,
+    TwistedWeighting,
 )
 from models.llm_fk.step_lm import (
     AbstractStepLM,
@@ -43,7 +57,11 @@ __all__ = [
     "AbstractStepLM", "StepLM", "MarkovStepLM", "MarkovDecodeState", "StepInfo", "generated_span",
     # rewards
     "RewardModel", "TokenPairReward", "TokenVerifier", "ProgrammaticStepVerifier", "FinalAnswerVerifier",
-    "LLMJudge", "host_rows", "host_fn_id", "host_fn",
+    "LLMJudge", "host_rows", "HostCallbacks", "HostAnswer",
+    # strategies
+    "AbstractWeighting", "TwistedWeighting", "PuriWeighting", "AbstractAggregation", "LastAggregation",
+    "MinAggregation", "ProductAggregation", "ModelAggregation", "AbstractLink", "LogitLink", "IdentityLink",
+    "LogLink",
     # ssm
-    "LLMParticle", "LLMFeynmanKac", "HostAnswer", "answer_table", "WEIGHTINGS", "AGGREGATIONS", "PURI_LINKS",
+    "LLMParticle", "LLMFeynmanKac", "WEIGHTINGS", "AGGREGATIONS", "PURI_LINKS",
 ]

@@ -16,6 +16,9 @@ Concrete models:
   decoded text, called on the host from inside the compiled loop (``jax.pure_callback``);
 - :class:`FinalAnswerVerifier` — ``fn(text) -> [0, 1]`` on finished completions only (an outcome
   reward; unfinished prefixes score 1 and cost no call);
+- both take ``log_scale=True`` for functions returning log r̂ (no float32 underflow), and a
+  :class:`HostCallbacks` (``callbacks=``): the per-experiment table of host functions (no
+  module-level registry);
 - :class:`LLMJudge` — a loaded LM asked a step-correctness question after the prefix;
   r̂ = p(Yes) / (p(Yes) + p(No)) of its next token, all particles in one batched forward pass of
   the question tokens on top of the prefix cache (the generator's own cache when the judge is the
@@ -47,8 +50,8 @@ __all__ = [
     "FinalAnswerVerifier",
     "LLMJudge",
     "host_rows",
-    "host_fn_id",
-    "host_fn",
+    "HostCallbacks",
+    "HostAnswer",
 ]
 
 
@@ -61,6 +64,8 @@ class RewardModel(eqx.Module):
     """
 
     scores_unfinished: ClassVar[bool] = True
+    #: ``update`` leaves the state of inactive (done) rows bit-for-bit unchanged
+    keeps_done_rows: ClassVar[bool] = True
 
     def bind(self, lm: AbstractStepLM, prompt_ids: Sequence[int], max_new_tokens: int) -> "RewardModel":
         """Host, once per prompt: return the reward model ready for this prompt (e.g. with a judge's
@@ -171,32 +176,77 @@ def _safe_log(r):
 # ------------------------------------------------------------------------------------------------
 
 
-_HOST_FNS: list[Callable] = []
-_HOST_IDS: dict[Any, int] = {}
+class HostAnswer:
+    """Interning table of one answer function ``fn(completion_ids) -> Hashable``: integer ids with
+    equal answers ↔ equal ids, so that votes can run inside ``jit`` (``jax.pure_callback``).
+    ``values[i]`` is the answer of id i."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.table: dict[Any, int] = {}
+        self.values: list[Any] = []
+
+    def intern(self, answer) -> int:
+        i = self.table.get(answer)
+        if i is None:
+            i = self.table[answer] = len(self.values)
+            self.values.append(answer)
+        return i
 
 
-def host_fn_id(fn: Callable) -> int:
-    """Register a host (Python) function and return its integer id. Compiled programs receive the
-    id as an array, so changing the function (another task's verifier) does not recompile them."""
-    if not callable(fn):
-        raise TypeError(f"expected a callable, got {type(fn).__name__}")
-    try:
-        i = _HOST_IDS.get(fn)
-    except TypeError:  # unhashable callable
-        i = None
-    if i is None:
-        i = len(_HOST_FNS)
-        _HOST_FNS.append(fn)
+class HostCallbacks:
+    """The host (Python) functions that compiled programs call through ``jax.pure_callback`` —
+    reward functions, answer functions — and the answer-interning tables, of one experiment.
+
+    The caller creates one (e.g. per experiment) and passes it to the reward models and to
+    :meth:`~models.llm_fk.ssm.LLMFeynmanKac.build`; nothing is kept at module level, and two
+    objects never share functions or tables. Compiled programs receive a function as an integer id
+    (an array leaf) and the object itself as a static field compared by identity, so that another
+    task's function registered in the *same* object does not recompile anything.
+    """
+
+    def __init__(self):
+        self._fns: list[Callable] = []
+        self._ids: dict[Any, int] = {}
+        self._tables: dict[int, HostAnswer] = {}
+
+    def register(self, fn: Callable) -> int:
+        """The id of ``fn`` (registered on first use; the same callable keeps its id)."""
+        if not callable(fn):
+            raise TypeError(f"expected a callable, got {type(fn).__name__}")
         try:
-            _HOST_IDS[fn] = i
-        except TypeError:
-            pass
-    return i
+            i = self._ids.get(fn)
+        except TypeError:  # unhashable callable
+            i = None
+        if i is None:
+            i = len(self._fns)
+            self._fns.append(fn)
+            try:
+                self._ids[fn] = i
+            except TypeError:
+                pass
+        return i
 
+    def fn(self, i) -> Callable:
+        """The function registered under id ``i``."""
+        i = int(i)
+        if not 0 <= i < len(self._fns):
+            raise KeyError(f"no host function with id {i} in this HostCallbacks")
+        return self._fns[i]
 
-def host_fn(i) -> Callable:
-    """The host function registered under id ``i``."""
-    return _HOST_FNS[int(i)]
+    def answers(self, i) -> HostAnswer:
+        """The interning table of the answer function registered under id ``i``."""
+        i = int(i)
+        if i not in self._tables:
+            self._tables[i] = HostAnswer(self.fn(i))
+        return self._tables[i]
+
+    @property
+    def num_functions(self) -> int:
+        return len(self._fns)
+
+    def __repr__(self) -> str:
+        return f"HostCallbacks({len(self._fns)} functions, {len(self._tables)} answer tables)"
 
 
 def host_rows(row_fn: Callable, out_dtype, *arrays: Array) -> Array:
@@ -224,53 +274,78 @@ def _completion_ids(tokens_row, prompt_length, length) -> list[int]:
 
 class _HostVerifier(RewardModel):
     fn_id: Int[Array, ""]
+    callbacks: HostCallbacks = eqx.field(static=True)
+    log_scale: bool = eqx.field(static=True)
 
-    def __init__(self, fn: Callable):
-        self.fn_id = jnp.asarray(host_fn_id(fn), jnp.int32)
+    def __init__(self, fn: Callable, *, callbacks: HostCallbacks | None = None, log_scale: bool = False):
+        if callbacks is None:
+            callbacks = HostCallbacks()
+        if not isinstance(callbacks, HostCallbacks):
+            raise TypeError(f"callbacks must be a HostCallbacks, got {type(callbacks).__name__}")
+        self.callbacks = callbacks
+        self.fn_id = jnp.asarray(callbacks.register(fn), jnp.int32)
+        self.log_scale = bool(log_scale)
 
     @property
     def fn(self) -> Callable:
-        return host_fn(self.fn_id)
+        return self.callbacks.fn(self.fn_id)
+
+    def _checked(self, value) -> float:
+        """A host score as a float32-safe value: r̂ ∈ [0, 1], or (``log_scale``) log r̂ ∈ [−∞, 0];
+        anything else is NaN (a killed particle, reported by the engine)."""
+        v = float(value)
+        if self.log_scale:
+            return v if v <= 0.0 else float("nan")
+        return v if 0.0 <= v <= 1.0 else float("nan")
+
+    def _log(self, out):
+        if self.log_scale:
+            out = jnp.asarray(out, jnp.float32)
+            return jnp.where(out > 0, jnp.nan, out)
+        return _safe_log(out)
 
 
 class ProgrammaticStepVerifier(_HostVerifier):
     """A process reward in Python on the decoded completion: ``fn(text_so_far, finished) -> r̂``
-    with r̂ ∈ [0, 1] (values outside count as NaN = a killed particle, reported by the engine).
-    Called on the host from the compiled loop, once per active particle and step; inactive rows are
-    not decoded. The function is passed to the compiled program by id (:func:`host_fn_id`)."""
+    with r̂ ∈ [0, 1] (values outside count as NaN = a killed particle, reported by the engine), or
+    with ``log_scale=True`` ``fn`` returns log r̂ ∈ [−∞, 0] (a product of many small factors does
+    not underflow in float32). Called on the host from the compiled loop, once per active particle
+    and step; inactive rows are not decoded. ``fn`` is registered in ``callbacks`` (a
+    :class:`HostCallbacks`; default: a new one of this verifier's own)."""
 
     def log_score(self, lm, state, lm_state, prev_lengths, finished, active):
-        decode = lm.decode
+        decode, callbacks, check = lm.decode, self.callbacks, self._checked
+        neutral = 0.0 if self.log_scale else 1.0
 
         def row(fid, tokens, p, length, fin, act):
             if not act:
-                return 0.0
-            r = float(host_fn(fid)(decode(_completion_ids(tokens, p, length)), bool(fin)))
-            return r if 0.0 <= r <= 1.0 else float("nan")
+                return neutral
+            return check(callbacks.fn(fid)(decode(_completion_ids(tokens, p, length)), bool(fin)))
 
-        r = host_rows(row, np.float32, self.fn_id, lm_state.tokens, lm_state.prompt_lengths,
-                      lm_state.lengths, finished, active)
-        return _safe_log(r)
+        out = host_rows(row, np.float32, self.fn_id, lm_state.tokens, lm_state.prompt_lengths,
+                        lm_state.lengths, finished, active)
+        return self._log(out)
 
 
 class FinalAnswerVerifier(_HostVerifier):
-    """An outcome reward in Python: ``fn(text) -> r̂ ∈ [0, 1]`` on finished completions; unfinished
-    prefixes score 1 (log 0) and are not sent to ``fn`` (no reward call)."""
+    """An outcome reward in Python: ``fn(text) -> r̂ ∈ [0, 1]`` (``log_scale=True``: log r̂) on
+    finished completions; unfinished prefixes score 1 (log 0) and are not sent to ``fn`` (no reward
+    call). ``fn`` is registered in ``callbacks`` (see :class:`ProgrammaticStepVerifier`)."""
 
     scores_unfinished: ClassVar[bool] = False
 
     def log_score(self, lm, state, lm_state, prev_lengths, finished, active):
-        decode = lm.decode
+        decode, callbacks, check = lm.decode, self.callbacks, self._checked
+        neutral = 0.0 if self.log_scale else 1.0
 
         def row(fid, tokens, p, length, fin, act):
             if not (act and fin):
-                return 1.0
-            r = float(host_fn(fid)(decode(_completion_ids(tokens, p, length))))
-            return r if 0.0 <= r <= 1.0 else float("nan")
+                return neutral
+            return check(callbacks.fn(fid)(decode(_completion_ids(tokens, p, length))))
 
-        r = host_rows(row, np.float32, self.fn_id, lm_state.tokens, lm_state.prompt_lengths,
-                      lm_state.lengths, finished, active)
-        return _safe_log(r)
+        out = host_rows(row, np.float32, self.fn_id, lm_state.tokens, lm_state.prompt_lengths,
+                        lm_state.lengths, finished, active)
+        return self._log(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,6 +380,12 @@ class LLMJudge(RewardModel):
     no_ids: tuple[int, ...] | None = eqx.field(static=True, default=None)
     shared: bool = eqx.field(static=True, default=True)
     judge_prompt: Any = None
+
+    @property
+    def keeps_done_rows(self) -> bool:
+        """A separate judge's cache goes through the batched forward for every row (a K/V entry is
+        written past the length of inactive rows): only the shared judge keeps no state."""
+        return self.shared
 
     def _judge(self, lm):
         return lm if self.shared else self.lm

@@ -20,6 +20,10 @@ aggregated over steps into R_t (``aggregation``): ``last`` R_t = r̂_t; ``min`` 
   also re-weights finished particles by f(R_T)^β at every step until all are done (they get cloned,
   as in the paper's code), which makes the target depend on the population.
 
+Weightings, aggregations and links are small ``eqx.Module`` classes (:mod:`models.llm_fk.strategies`:
+``TwistedWeighting()``, ``PuriWeighting(link=LogitLink(), reweight_finished=False)``,
+``LastAggregation()``, ...); :meth:`LLMFeynmanKac.build` also takes their names.
+
 Finished particles are absorbing (the engine neither moves nor re-weights them). With
 ``correct_proposal`` the weights also carry p/q of every step (q the sampling law, e.g. a
 temperature or top-p), so the targets use the LM p at temperature 1 instead of q.
@@ -27,9 +31,11 @@ temperature or top-p), so the targets use the LM p at temperature 1 instead of q
 The model also provides the search interface of :mod:`samplers.search` (``score`` = log R_t,
 ``answer``, ``num_tokens``, ``max_num_steps``), ``log_transition`` for ancestor sampling, and
 :meth:`LLMFeynmanKac.path` to rebuild the trajectory x_{0:T−1} of a particle from its final state (the
-state stores its own history, so conditional SMC needs no genealogy). Compute is counted exactly in
-the model's leaves ``tokens_generated`` / ``reward_calls`` (it is an adaptive model whose
-``adapt`` adds each step's new tokens and reward calls of the particles that moved).
+state stores its own history, so conditional SMC needs no genealogy). Compute is counted exactly by
+the protocol's ``step_info`` hook: the engine records, per step, the tokens generated and the
+reward calls of the particles that moved (``result.step_info``; :func:`total_compute` sums it);
+the model is not adaptive. ``previous_view`` hands the engine only log R_{t−1} and the step count
+of x_{t−1}, so the KV cache can be updated in place.
 
 Reference: Puri, Sudalairaj, Xu, Xu & Srivastava (2025), "A probabilistic inference approach to
 inference-time scaling of LLMs using particle-based Monte Carlo methods"; Zhao, Brekelmans,
@@ -45,24 +51,32 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from models.llm_fk.rewards import RewardModel, host_fn, host_fn_id, host_rows
+from models.llm_fk import strategies
+from models.llm_fk.rewards import HostCallbacks, RewardModel, host_rows
 from models.llm_fk.step_lm import AbstractStepLM
+from models.llm_fk.strategies import (
+    AGGREGATION_NAMES,
+    LINK_NAMES,
+    WEIGHTING_NAMES,
+    AbstractAggregation,
+    AbstractWeighting,
+    LastAggregation,
+)
 from ppl.feynman_kac import AbstractFeynmanKac
 
 __all__ = [
     "LLMParticle",
     "LLMFeynmanKac",
-    "HostAnswer",
-    "answer_table",
+    "PreviousView",
+    "total_compute",
     "WEIGHTINGS",
     "AGGREGATIONS",
     "PURI_LINKS",
 ]
 
-WEIGHTINGS = ("twisted", "puri")
-AGGREGATIONS = ("last", "min", "product", "model")
-PURI_LINKS = ("logit", "identity", "log")
-_LOGIT_EPS = 1e-7  # its_hub clips rewards to [1e-7, 1 - 1e-7] before the logit
+WEIGHTINGS = WEIGHTING_NAMES  # names accepted by build(weighting=...)
+AGGREGATIONS = AGGREGATION_NAMES
+PURI_LINKS = LINK_NAMES
 
 
 class LLMParticle(NamedTuple):
@@ -99,71 +113,57 @@ class LLMParticle(NamedTuple):
     hist_scored: Bool[Array, "N S"]
 
 
-class HostAnswer:
-    """Interning table of one answer function ``fn(completion_ids) -> Hashable``: integer ids with
-    equal answers ↔ equal ids, so that votes can run inside ``jit`` (``jax.pure_callback``).
-    ``values[i]`` is the answer of id i. One table per registered function (:func:`answer_table`)."""
-
-    def __init__(self, fn: Callable[[list[int]], Hashable]):
-        self.fn = fn
-        self.table: dict[Hashable, int] = {}
-        self.values: list[Hashable] = []
-
-    def intern(self, answer: Hashable) -> int:
-        i = self.table.get(answer)
-        if i is None:
-            i = self.table[answer] = len(self.values)
-            self.values.append(answer)
-        return i
-
-
-_ANSWER_TABLES: dict[int, HostAnswer] = {}
-
-
-def answer_table(fn_id) -> HostAnswer:
-    """The interning table of the answer function registered under ``fn_id``."""
-    i = int(fn_id)
-    if i not in _ANSWER_TABLES:
-        _ANSWER_TABLES[i] = HostAnswer(host_fn(i))
-    return _ANSWER_TABLES[i]
-
-
-def _answer_row(fid, tok, p, n):
-    table = answer_table(fid)
-    return table.intern(table.fn([int(x) for x in tok[int(p): int(n)]]))
-
-
 def _tuple_answer(ids):
     return tuple(ids)
+
+
+class PreviousView(NamedTuple):
+    """The part of x_{t−1} that :meth:`LLMFeynmanKac.log_potential` / ``step_info`` read (a full
+    :class:`LLMParticle` has the same fields and works too)."""
+
+    log_reward: Float[Array, " N"]
+    num_steps: Int[Array, " N"]
+
+
+def total_compute(step_info) -> tuple[Array, Array]:
+    """(tokens generated, reward calls) of a run: the sums of the engine's per-step
+    ``result.step_info`` (leading step axis; any extra leading axes are summed too)."""
+    if step_info is None:
+        raise ValueError("the result has no step_info (not an LLMFeynmanKac run?)")
+    return jnp.sum(step_info["tokens"]), jnp.sum(step_info["reward_calls"])
 
 
 class LLMFeynmanKac(AbstractFeynmanKac):
     """The LLM state-space model (see the module docstring). Build it with :meth:`build`.
 
     Run it with ``samplers.smc(key, model, N, max_steps=model.max_num_steps)`` (``puri``: with
-    ``ess_threshold=1``). Leaves ``tokens_generated`` and ``reward_calls`` of the returned
-    ``result.model`` hold the exact compute of the run.
+    ``ess_threshold=1``). ``result.step_info`` holds the exact compute of every step
+    (``{"tokens", "reward_calls"}``); :func:`total_compute` sums it.
     """
 
     lm: AbstractStepLM
     reward: RewardModel
     prompt_state: Any
     inv_temperature: Float[Array, ""]
-    tokens_generated: Int[Array, ""]
-    reward_calls: Int[Array, ""]
-    weighting_code: Int[Array, ""]
-    aggregation_code: Int[Array, ""]
-    link_code: Int[Array, ""]
-    reweight_finished: Bool[Array, ""]
+    weighting: AbstractWeighting
+    aggregation: AbstractAggregation
     correct_proposal: Bool[Array, ""]
     max_steps: int = eqx.field(static=True)
     max_step_tokens: int = eqx.field(static=True)
     score_steps: bool = eqx.field(static=True, default=True)
     answer_fn_id: Any = None
     answer_ids_fn: Any = eqx.field(static=True, default=None)
+    callbacks: HostCallbacks | None = eqx.field(static=True, default=None)
 
-    is_adaptive = True
     num_steps = None
+
+    @property
+    def move_keeps_done(self) -> bool:  # the protocol's class variable, per step LM and reward
+        """Whether :meth:`move` leaves done particles bit-for-bit unchanged (so the engine skips
+        its row select): true when the step LM and the reward model keep done rows (the
+        Markov-chain LM with a stateless reward: yes; the transformer: no, its batched forward
+        writes a K/V entry past the length of done rows — never attended, but not bit-identical)."""
+        return bool(self.lm.keeps_done_rows and self.reward.keeps_done_rows)
 
     # ---------------------------------------------------------------------------------- building
     @classmethod
@@ -176,15 +176,16 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         max_steps: int,
         max_step_tokens: int,
         max_new_tokens: int | None = None,
-        weighting: str = "twisted",
-        aggregation: str = "last",
+        weighting: str | AbstractWeighting = "twisted",
+        aggregation: str | AbstractAggregation = "last",
         temperature: float = 1.0,
-        puri_link: str = "logit",
-        reweight_finished: bool = False,
+        puri_link: str | None = None,
+        reweight_finished: bool | None = None,
         correct_proposal: bool = False,
         score_steps: bool = True,
         answer_fn: Callable[[list[int]], Hashable] | None = None,
         answer_ids_fn: Callable | None = None,
+        callbacks: HostCallbacks | None = None,
     ) -> "LLMFeynmanKac":
         """Prefill the prompt and bind the reward model (host side).
 
@@ -196,18 +197,27 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             max_step_tokens: token cap of one step.
             max_new_tokens: buffer for the completion (default ``max_steps · max_step_tokens``);
                 a full buffer finishes a particle.
-            weighting: ``"twisted"`` or ``"puri"``; aggregation: ``last|min|product|model``.
+            weighting: an :class:`~models.llm_fk.strategies.AbstractWeighting`
+                (:class:`~models.llm_fk.strategies.TwistedWeighting`,
+                :class:`~models.llm_fk.strategies.PuriWeighting`) or its name
+                ``"twisted"`` / ``"puri"``; aggregation: an
+                :class:`~models.llm_fk.strategies.AbstractAggregation` or its name
+                ``last|min|product|model``.
             temperature: τ > 0 of the potential (β = 1/τ).
-            puri_link: ``logit|identity|log`` (``puri`` only); reweight_finished: ``puri`` only.
+            puri_link: ``logit|identity|log`` (with ``weighting="puri"``; default logit);
+                reweight_finished: ``puri`` only (fields of ``PuriWeighting`` when an object is given).
             correct_proposal: weight by p/q of each step (p the LM at temperature 1, q the
                 sampling law), so that the base measure is p.
             score_steps: score every step during the move (needed by SMC, particle Gibbs, beam
                 search); ``False`` scores only when :meth:`score` is called (best-of-N, voting),
                 with ``aggregation="last"``.
             answer_fn: ``fn(completion_ids) -> Hashable`` for votes (default: the ids themselves),
-                passed to the compiled code by id (:func:`~models.llm_fk.rewards.host_fn_id`);
+                registered in ``callbacks`` and passed to the compiled code by id;
                 answer_ids_fn: a jnp alternative
                 ``fn(tokens, lengths, prompt_lengths) -> int [N]``.
+            callbacks: the :class:`~models.llm_fk.rewards.HostCallbacks` of the experiment
+                (answer function and its interning table); default: the reward model's own
+                (a host verifier's), else a new one.
         """
         if not isinstance(lm, AbstractStepLM):
             raise TypeError(f"lm must be an AbstractStepLM (StepLM, MarkovStepLM), got {type(lm).__name__}")
@@ -220,17 +230,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             max_new_tokens = max_steps * max_step_tokens
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if puri_link not in PURI_LINKS:
-            raise ValueError(f"puri_link must be one of {PURI_LINKS}, got {puri_link!r}")
+        weighting = strategies.weighting(weighting, link=puri_link, reweight_finished=reweight_finished)
+        aggregation = strategies.aggregation(aggregation)
         if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if reweight_finished and weighting != "puri":
-            raise ValueError("reweight_finished reproduces the paper's puri weighting only")
-        if not score_steps and aggregation != "last":
+        if not score_steps and not isinstance(aggregation, LastAggregation):
             raise ValueError("score_steps=False (score on demand) needs aggregation='last'")
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
@@ -247,93 +251,80 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         prompt_state = lm.prefill(prompt_ids, max_new_tokens + extra)
         if answer_fn is not None and answer_ids_fn is not None:
             raise ValueError("give answer_fn or answer_ids_fn, not both")
+        if callbacks is None:
+            callbacks = getattr(reward, "callbacks", None)
+        if callbacks is None:
+            callbacks = HostCallbacks()
+        if not isinstance(callbacks, HostCallbacks):
+            raise TypeError(f"callbacks must be a HostCallbacks, got {type(callbacks).__name__}")
         answer_fn_id = None
         if answer_ids_fn is None:
-            answer_fn_id = jnp.asarray(host_fn_id(_tuple_answer if answer_fn is None else answer_fn),
+            if answer_fn is not None and not callable(answer_fn):
+                raise TypeError("answer_fn must be callable: answer_fn(completion_ids) -> Hashable")
+            answer_fn_id = jnp.asarray(callbacks.register(_tuple_answer if answer_fn is None else answer_fn),
                                        jnp.int32)
         return cls(
             lm=lm,
             reward=reward,
             prompt_state=prompt_state,
             inv_temperature=jnp.asarray(1.0 / temperature, jnp.float32),
-            tokens_generated=jnp.asarray(0, jnp.int32),
-            reward_calls=jnp.asarray(0, jnp.int32),
-            weighting_code=jnp.asarray(WEIGHTINGS.index(weighting), jnp.int32),
-            aggregation_code=jnp.asarray(AGGREGATIONS.index(aggregation), jnp.int32),
-            link_code=jnp.asarray(PURI_LINKS.index(puri_link), jnp.int32),
-            reweight_finished=jnp.asarray(bool(reweight_finished)),
+            weighting=weighting,
+            aggregation=aggregation,
             correct_proposal=jnp.asarray(bool(correct_proposal)),
             max_steps=max_steps,
             max_step_tokens=max_step_tokens,
             score_steps=bool(score_steps),
             answer_fn_id=answer_fn_id,
             answer_ids_fn=answer_ids_fn,
+            callbacks=callbacks,
         )
 
     def with_inv_temperature(self, beta) -> "LLMFeynmanKac":
         """The same model at inverse temperature β (a traced value is fine: parallel tempering)."""
         return eqx.tree_at(lambda m: m.inv_temperature, self, jnp.asarray(beta, jnp.float32))
 
-    def reset_counters(self) -> "LLMFeynmanKac":
-        zero = jnp.asarray(0, jnp.int32)
-        return eqx.tree_at(lambda m: (m.tokens_generated, m.reward_calls), self, (zero, zero))
-
     def with_options(
         self,
         *,
-        weighting: str | None = None,
-        aggregation: str | None = None,
+        weighting: str | AbstractWeighting | None = None,
+        aggregation: str | AbstractAggregation | None = None,
         puri_link: str | None = None,
         temperature: float | None = None,
         reweight_finished: bool | None = None,
         correct_proposal: bool | None = None,
         score_steps: bool | None = None,
     ) -> "LLMFeynmanKac":
-        """A copy with options changed. All but ``score_steps`` are array leaves, so models that
-        differ only in them share one compiled program (and can be ``vmap``-ed over)."""
+        """A copy with options changed. ``temperature`` and ``correct_proposal`` are array leaves,
+        so models that differ only in them share one compiled program (and can be ``vmap``-ed
+        over); another weighting or aggregation class is another program. ``puri_link`` and
+        ``reweight_finished`` alone change the current puri weighting."""
+        import dataclasses
+
         m = self
-        codes = {}
-        if weighting is not None:
-            if weighting not in WEIGHTINGS:
-                raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-            codes["weighting_code"] = WEIGHTINGS.index(weighting)
+        if weighting is None and (puri_link is not None or reweight_finished is not None):
+            w = self.weighting
+            if not isinstance(w, strategies.PuriWeighting):
+                raise ValueError("puri_link / reweight_finished apply to the puri weighting only")
+            m = dataclasses.replace(
+                m, weighting=strategies.PuriWeighting(
+                    link=w.link if puri_link is None else strategies.link(puri_link),
+                    reweight_finished=w.reweight_finished if reweight_finished is None else bool(reweight_finished)))
+        elif weighting is not None:
+            m = dataclasses.replace(m, weighting=strategies.weighting(
+                weighting, link=puri_link, reweight_finished=reweight_finished))
         if aggregation is not None:
-            if aggregation not in AGGREGATIONS:
-                raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-            codes["aggregation_code"] = AGGREGATIONS.index(aggregation)
-        if puri_link is not None:
-            if puri_link not in PURI_LINKS:
-                raise ValueError(f"puri_link must be one of {PURI_LINKS}, got {puri_link!r}")
-            codes["link_code"] = PURI_LINKS.index(puri_link)
-        for name, v in codes.items():
-            m = eqx.tree_at(lambda x, name=name: getattr(x, name), m, jnp.asarray(v, jnp.int32))
+            m = dataclasses.replace(m, aggregation=strategies.aggregation(aggregation))
         if temperature is not None:
             if not np.isfinite(temperature) or temperature <= 0:
                 raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
             m = m.with_inv_temperature(1.0 / temperature)
-        if reweight_finished is not None:
-            m = eqx.tree_at(lambda x: x.reweight_finished, m, jnp.asarray(bool(reweight_finished)))
         if correct_proposal is not None:
             m = eqx.tree_at(lambda x: x.correct_proposal, m, jnp.asarray(bool(correct_proposal)))
         if score_steps is not None:
-            import dataclasses
-
             m = dataclasses.replace(m, score_steps=bool(score_steps))
-        if not m.score_steps and m.aggregation != "last":
+        if not m.score_steps and not isinstance(m.aggregation, LastAggregation):
             raise ValueError("score_steps=False (score on demand) needs aggregation='last'")
         return m
-
-    @property
-    def weighting(self) -> str:
-        return WEIGHTINGS[int(self.weighting_code)]
-
-    @property
-    def aggregation(self) -> str:
-        return AGGREGATIONS[int(self.aggregation_code)]
-
-    @property
-    def puri_link(self) -> str:
-        return PURI_LINKS[int(self.link_code)]
 
     # ---------------------------------------------------------------------------------- shapes
     @property
@@ -370,15 +361,6 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         )
 
     # ---------------------------------------------------------------------------------- one step
-    def _aggregate(self, log_prev, log_r, first):
-        options = jnp.stack([
-            log_r,  # last
-            jnp.where(first, log_r, jnp.minimum(log_prev, log_r)),  # min
-            log_prev + log_r,  # product (log_prev = 0 before the first step)
-            self.reward.aggregate(log_prev, log_r, first),  # model
-        ])
-        return options[self.aggregation_code]
-
     def _advance(self, key: PRNGKeyArray, p: LLMParticle) -> LLMParticle:
         active = ~p.done
         lm_in = p.lm._replace(done=p.lm.done | p.done)
@@ -393,7 +375,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored = active & (done | self.reward.scores_unfinished)
             log_r = self.reward.log_score(self.lm, rstate, lm_state, prev_len, done, active)
             log_r = jnp.where(scored, log_r, 0.0)
-            log_reward = self._aggregate(p.log_reward, log_r, p.num_steps == 0)
+            log_reward = self.aggregation(self.reward, p.log_reward, log_r, p.num_steps == 0)
         else:
             scored = jnp.zeros_like(active)
             log_r = jnp.zeros_like(p.log_reward)
@@ -436,22 +418,13 @@ class LLMFeynmanKac(AbstractFeynmanKac):
     def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: LLMParticle) -> LLMParticle:
         return self._advance(key, particles)
 
-    def _link(self, log_r):
-        r = jnp.clip(jnp.exp(log_r), _LOGIT_EPS, 1.0 - _LOGIT_EPS)
-        options = jnp.stack([jnp.log(r) - jnp.log1p(-r), jnp.exp(log_r), log_r])  # PURI_LINKS
-        return options[self.link_code]
-
     def log_potential(self, t, previous, particles):
-        beta = self.inv_temperature
-        log_r = particles.log_reward
-        puri = beta * self._link(log_r)
-        log_prev = jnp.zeros_like(log_r) if previous is None else previous.log_reward
-        inc = beta * (log_r - jnp.where(jnp.isfinite(log_prev), log_prev, 0.0))
-        twisted = jnp.where(log_prev == -jnp.inf, -jnp.inf, inc)
+        log_prev = None if previous is None else previous.log_reward
+        log_g = self.weighting.log_potential(self.inv_temperature, log_prev, particles.log_reward)
         before = 0 if previous is None else previous.num_steps
         moved = particles.num_steps == before + 1
         ratio = jnp.where(moved & self.correct_proposal, particles.step_logprob - particles.step_logq, 0.0)
-        return jnp.where(self.weighting_code == WEIGHTINGS.index("puri"), puri, twisted) + ratio
+        return log_g + ratio
 
     def log_transition(self, t, previous, particles):
         """log M_t(x_{t−1} → x_t) pairwise: the step's log-probability under the sampling law when
@@ -470,17 +443,20 @@ class LLMFeynmanKac(AbstractFeynmanKac):
                          jnp.where(extends, particles.step_logq, -jnp.inf))
 
     def done(self, particles):
-        return particles.done & (~self.reweight_finished | jnp.all(particles.done))
+        return self.weighting.done(particles.done)
 
-    def adapt(self, t, particles, log_weights):
-        moved = particles.num_steps == t + 1
-        tokens = jnp.sum(jnp.where(moved, particles.step_tokens, 0))
-        calls = jnp.sum(moved & particles.scored)
-        return eqx.tree_at(
-            lambda m: (m.tokens_generated, m.reward_calls),
-            self,
-            (self.tokens_generated + tokens.astype(jnp.int32), self.reward_calls + calls.astype(jnp.int32)),
-        )
+    def previous_view(self, particles: LLMParticle) -> "PreviousView":
+        """What :meth:`log_potential` and :meth:`step_info` read of x_{t−1}: log R_{t−1} and the
+        step count (not the KV cache, so that the engine can move the particles in place)."""
+        return PreviousView(log_reward=particles.log_reward, num_steps=particles.num_steps)
+
+    def step_info(self, t, previous, particles) -> dict:
+        """Compute of the move ``previous → particles``: ``tokens`` generated and ``reward_calls``
+        (particles scored) by the particles that took a step (all of them at t = 0)."""
+        before = 0 if previous is None else previous.num_steps
+        moved = particles.num_steps == before + 1
+        return {"tokens": jnp.sum(jnp.where(moved, particles.step_tokens, 0)).astype(jnp.int32),
+                "reward_calls": jnp.sum(moved & particles.scored).astype(jnp.int32)}
 
     # ---------------------------------------------------------------------------------- search
     def score(self, particles: LLMParticle) -> Float[Array, " N"]:
@@ -497,7 +473,19 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         s = particles.lm
         if self.answer_ids_fn is not None:
             return jnp.asarray(self.answer_ids_fn(s.tokens, s.lengths, s.prompt_lengths), jnp.int32)
-        return host_rows(_answer_row, np.int32, self.answer_fn_id, s.tokens, s.prompt_lengths, s.lengths)
+        callbacks = self.callbacks
+
+        def row(fid, tok, p, n):
+            table = callbacks.answers(fid)
+            return table.intern(table.fn([int(x) for x in tok[int(p): int(n)]]))
+
+        return host_rows(row, np.int32, self.answer_fn_id, s.tokens, s.prompt_lengths, s.lengths)
+
+    def answer_table(self):
+        """Host: the interning table of this model's answer function (``values[id]`` = answer)."""
+        if self.answer_fn_id is None:
+            raise ValueError("this model votes with answer_ids_fn (integer answers): no table")
+        return self.callbacks.answers(self.answer_fn_id)
 
     def num_tokens(self, particles: LLMParticle) -> Int[Array, " N"]:
         """Generated tokens (prompt excluded)."""
@@ -556,5 +544,5 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         the integer ids)."""
         if self.answer_fn_id is None:
             return [int(a) for a in np.asarray(self.answer(particles))]
-        fn = host_fn(self.answer_fn_id)
+        fn = self.callbacks.fn(self.answer_fn_id)
         return [fn(ids) for ids in self.completions(particles)]

@@ -27,7 +27,7 @@ LLMs using particle-based Monte Carlo methods" (steps = text up to a delimiter).
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import equinox as eqx
 import jax
@@ -86,6 +86,9 @@ class AbstractStepLM(eqx.Module):
 
     delimiter_ids: tuple[int, ...] = eqx.field(static=True)
     eos_ids: tuple[int, ...] = eqx.field(static=True)
+
+    #: ``generate_step`` leaves rows that are done bit-for-bit unchanged (every leaf)
+    keeps_done_rows: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod
@@ -157,6 +160,10 @@ class StepLM(AbstractStepLM):
     model: Any
     tokenizer: Any = eqx.field(static=True)
     sampling: Any = eqx.field(static=True)
+
+    # the runtime's batched forward also runs done rows, writing a K/V entry at their next free
+    # slot (outside their length, never attended): equal in law, not bit-for-bit
+    keeps_done_rows: ClassVar[bool] = False
 
     def __init__(self, model, tokenizer, delimiter_ids: Sequence[int], eos_ids: Sequence[int] | None = None,
                  sampling=None):
@@ -278,6 +285,8 @@ class MarkovStepLM(AbstractStepLM):
 
     lm: MarkovLM
     proposal: MarkovLM | None = None
+
+    keeps_done_rows: ClassVar[bool] = True  # models.markov_lm.generate_step returns them unchanged
 
     def __init__(self, lm: MarkovLM, proposal: MarkovLM | None = None):
         if not isinstance(lm, MarkovLM):

@@ -1,0 +1,271 @@
+"""Strategies of the LLM Feynman-Kac model: how step rewards become potentials.
+
+Three small families of final ``eqx.Module`` classes (no strings or integer codes inside the maths):
+
+- **aggregations** turn the step scores r̂_1, ..., r̂_t into the reward R_t of the prefix x_{1:t}
+  (:class:`LastAggregation`, :class:`MinAggregation`, :class:`ProductAggregation`,
+  :class:`ModelAggregation`);
+- **links** f used by the puri weighting (:class:`LogitLink`, :class:`IdentityLink`,
+  :class:`LogLink`), each returning log f(r) from log r;
+- **weightings** give the potential G_t from R_{t−1}, R_t and the inverse temperature β
+  (:class:`TwistedWeighting`, :class:`PuriWeighting`).
+
+All work in log space: ``log_r`` is log R_t (or log r̂_t) ∈ [−∞, 0]. Strings name them for
+convenience (``weighting("puri", link="log")``, ``aggregation("min")``, ``link("logit")``); an unknown
+name is a ``ValueError`` listing the known ones.
+
+A model that holds strategies of a different class is a different compiled program; models that
+differ only in array leaves (the inverse temperature β, ``correct_proposal``) share one, which
+parallel tempering needs.
+
+Reference: Puri et al. (2025) (the puri weighting and its logit link, as in its_hub);
+Zhao et al. (2024), "Probabilistic inference in language models via twisted SMC" (twisted).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+__all__ = [
+    "AbstractAggregation",
+    "LastAggregation",
+    "MinAggregation",
+    "ProductAggregation",
+    "ModelAggregation",
+    "AbstractLink",
+    "LogitLink",
+    "IdentityLink",
+    "LogLink",
+    "AbstractWeighting",
+    "TwistedWeighting",
+    "PuriWeighting",
+    "aggregation",
+    "link",
+    "weighting",
+    "AGGREGATION_NAMES",
+    "LINK_NAMES",
+    "WEIGHTING_NAMES",
+]
+
+LOGIT_EPS = 1e-7  # its_hub clips rewards to [1e-7, 1 - 1e-7] before the logit
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregations: R_t from the step scores
+# ------------------------------------------------------------------------------------------------
+
+
+class AbstractAggregation(eqx.Module):
+    """log R_t from log R_{t−1} and the new step's log r̂_t (batched over particles).
+
+    ``first`` marks particles taking their first step (log R_{t−1} = 0 there)."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def __call__(self, reward, log_prev: Float[Array, " N"], log_r: Float[Array, " N"],
+                 first: Bool[Array, " N"]) -> Float[Array, " N"]:
+        """log R_t; ``reward`` is the reward model (used by :class:`ModelAggregation`)."""
+
+
+class LastAggregation(AbstractAggregation):
+    """R_t = r̂_t: the latest score (a prefix reward that already sees the whole prefix)."""
+
+    name: ClassVar[str] = "last"
+
+    def __call__(self, reward, log_prev, log_r, first):
+        return log_r
+
+
+class MinAggregation(AbstractAggregation):
+    """R_t = min_{s≤t} r̂_s: the weakest step so far."""
+
+    name: ClassVar[str] = "min"
+
+    def __call__(self, reward, log_prev, log_r, first):
+        return jnp.where(first, log_r, jnp.minimum(log_prev, log_r))
+
+
+class ProductAggregation(AbstractAggregation):
+    """R_t = ∏_{s≤t} r̂_s, i.e. log R_t = log R_{t−1} + log r̂_t (step scores multiply)."""
+
+    name: ClassVar[str] = "product"
+
+    def __call__(self, reward, log_prev, log_r, first):
+        return log_prev + log_r  # log_prev = 0 before the first step
+
+
+class ModelAggregation(AbstractAggregation):
+    """R_t = the reward model's own rule: ``reward.aggregate(log R_{t−1}, log r̂_t, first)``."""
+
+    name: ClassVar[str] = "model"
+
+    def __call__(self, reward, log_prev, log_r, first):
+        return reward.aggregate(log_prev, log_r, first)
+
+
+# ------------------------------------------------------------------------------------------------
+# links of the puri weighting
+# ------------------------------------------------------------------------------------------------
+
+
+class AbstractLink(eqx.Module):
+    """log f(r) from log r, for the puri potential G_t = f(R_t)^β."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def __call__(self, log_r: Float[Array, " N"]) -> Float[Array, " N"]:
+        """log f(r) of every particle."""
+
+
+class LogitLink(AbstractLink):
+    """f(r) = r / (1 − r) with r clipped to [1e−7, 1 − 1e−7]: log f = log r − log(1 − r), the
+    logit of the public code of Puri et al. and its_hub (softmax(logit(r̂)/τ))."""
+
+    name: ClassVar[str] = "logit"
+
+    def __call__(self, log_r):
+        r = jnp.clip(jnp.exp(log_r), LOGIT_EPS, 1.0 - LOGIT_EPS)
+        return jnp.log(r) - jnp.log1p(-r)
+
+
+class IdentityLink(AbstractLink):
+    """f(r) = e^r: log f = r, the paper's softmax of rewards (softmax(r̂/τ))."""
+
+    name: ClassVar[str] = "identity"
+
+    def __call__(self, log_r):
+        return jnp.exp(log_r)
+
+
+class LogLink(AbstractLink):
+    """f(r) = r: log f = log r, so G_t = R_t^β."""
+
+    name: ClassVar[str] = "log"
+
+    def __call__(self, log_r):
+        return log_r
+
+
+# ------------------------------------------------------------------------------------------------
+# weightings: G_t
+# ------------------------------------------------------------------------------------------------
+
+
+class AbstractWeighting(eqx.Module):
+    """log G_t from log R_{t−1} (``None`` at t = 0: R_{−1} = 1), log R_t and β.
+
+    ``resample_every_step`` (class variable): the weighting is meant to resample at every step
+    (its default ESS threshold is 1 instead of 0.5)."""
+
+    name: ClassVar[str]
+    resample_every_step: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def log_potential(self, beta: Float[Array, ""], log_prev: Float[Array, " N"] | None,
+                      log_r: Float[Array, " N"]) -> Float[Array, " N"]:
+        """log G_t of every particle."""
+
+    def done(self, done: Bool[Array, " N"]) -> Bool[Array, " N"]:
+        """The absorbing flags the engine sees, from the particles' finished flags (default: the
+        finished particles are absorbing)."""
+        return done
+
+    @property
+    def default_ess_threshold(self) -> float:
+        return 1.0 if self.resample_every_step else 0.5
+
+
+class TwistedWeighting(AbstractWeighting):
+    """G_t = R_t^β / R_{t−1}^β (R_{−1} = 1), so ∏_t G_t = R_T^β: proper incremental weights of
+    π(x) ∝ p(x) R(x)^β (an unbiased Ẑ of E_p[R^β]). A particle whose R_{t−1} = 0 stays dead
+    (log G_t = −∞)."""
+
+    name: ClassVar[str] = "twisted"
+
+    def log_potential(self, beta, log_prev, log_r):
+        if log_prev is None:
+            return beta * log_r
+        inc = beta * (log_r - jnp.where(jnp.isfinite(log_prev), log_prev, 0.0))
+        return jnp.where(log_prev == -jnp.inf, -jnp.inf, inc)
+
+
+class PuriWeighting(AbstractWeighting):
+    """G_t = f(R_t)^β, i.e. log G_t = β log f(R_t) with f the ``link``, resampling every step
+    (Puri et al. 2025). Targets π_puri(x) ∝ p(x) ∏_{t≤T(x)} f(R_t)^β — a different, biased law.
+
+    ``reweight_finished`` (static): finished particles are not absorbing while some particle is
+    unfinished (they keep competing with weight f(R_T)^β at every step, as the paper's code)."""
+
+    link: AbstractLink = LogitLink()
+    reweight_finished: bool = eqx.field(static=True, default=False)
+
+    name: ClassVar[str] = "puri"
+    resample_every_step: ClassVar[bool] = True
+
+    def __check_init__(self):
+        if not isinstance(self.link, AbstractLink):
+            raise TypeError(f"link must be an AbstractLink (LogitLink(), ...), got {type(self.link).__name__}")
+
+    def log_potential(self, beta, log_prev, log_r):
+        return beta * self.link(log_r)
+
+    def done(self, done):
+        if not self.reweight_finished:
+            return done
+        return done & jnp.all(done)
+
+
+# ------------------------------------------------------------------------------------------------
+# names (a convenience of LLMFeynmanKac.build and the method runner)
+# ------------------------------------------------------------------------------------------------
+
+_AGGREGATIONS = {c.name: c for c in (LastAggregation, MinAggregation, ProductAggregation, ModelAggregation)}
+_LINKS = {c.name: c for c in (LogitLink, IdentityLink, LogLink)}
+AGGREGATION_NAMES = tuple(_AGGREGATIONS)
+LINK_NAMES = tuple(_LINKS)
+WEIGHTING_NAMES = ("twisted", "puri")
+
+
+def _lookup(kind: str, table: dict, spec, base):
+    if isinstance(spec, base):
+        return spec
+    if isinstance(spec, str) and spec in table:
+        return table[spec]()
+    raise ValueError(f"{kind} must be one of {tuple(table)} or an {base.__name__}, got {spec!r}")
+
+
+def aggregation(spec: str | AbstractAggregation) -> AbstractAggregation:
+    """The aggregation named ``spec`` (``last|min|product|model``), or ``spec`` itself."""
+    return _lookup("aggregation", _AGGREGATIONS, spec, AbstractAggregation)
+
+
+def link(spec: str | AbstractLink) -> AbstractLink:
+    """The puri link named ``spec`` (``logit|identity|log``), or ``spec`` itself."""
+    return _lookup("puri_link", _LINKS, spec, AbstractLink)
+
+
+def weighting(spec: str | AbstractWeighting, *, link: str | AbstractLink | None = None,
+              reweight_finished: bool | None = None) -> AbstractWeighting:
+    """The weighting named ``spec`` (``twisted|puri``; ``link`` and ``reweight_finished`` apply to
+    ``puri`` only), or ``spec`` itself (then the options must be left out)."""
+    if isinstance(spec, AbstractWeighting):
+        if link is not None or reweight_finished is not None:
+            raise ValueError("give puri_link / reweight_finished as fields of the weighting object")
+        return spec
+    if spec == "twisted":
+        if link is not None:  # validated, unused (a puri option)
+            _lookup("puri_link", _LINKS, link, AbstractLink)
+        if reweight_finished:
+            raise ValueError("reweight_finished reproduces the paper's puri weighting only")
+        return TwistedWeighting()
+    if spec == "puri":
+        lk = _lookup("puri_link", _LINKS, "logit" if link is None else link, AbstractLink)
+        return PuriWeighting(link=lk, reweight_finished=bool(reweight_finished))
+    raise ValueError(f"weighting must be one of {WEIGHTING_NAMES} or an AbstractWeighting, got {spec!r}")
