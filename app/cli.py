@@ -1,4 +1,5 @@
-"""The ``ppl`` command line. Subcommands register themselves in :data:`SUBCOMMANDS`.
+"""The ``ppl`` command line. :data:`SUBCOMMANDS` is an immutable mapping name → (add arguments,
+run, help), built once below (nothing registers itself).
 
     ppl generate "Why is the sky blue?" --max-new-tokens 128 --temperature 0.7 --top-p 0.9
     ppl scale --task letter_words --methods pf,bon --budgets 1,2,4,8
@@ -9,20 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
-
-# name -> (add_arguments(parser), run(args) -> exit code)
-SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def subcommand(name: str, help: str):
-    """Register ``ppl NAME``: decorate a ``run(args)`` whose ``.arguments(parser)`` adds options."""
-
-    def wrap(run):
-        SUBCOMMANDS[name] = (getattr(run, "arguments", lambda p: None), run, help)
-        return run
-
-    return wrap
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 
 # ----------------------------------------------------------------------------- ppl generate
@@ -101,9 +90,6 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
     return 0
 
 
-run_generate.arguments = _generate_arguments
-subcommand("generate", "chat-generate with an LLM (default: the embedded SmolLM2-135M-Instruct), streaming")(
-    run_generate)
 
 
 # ----------------------------------------------------------------------------- ppl scale
@@ -120,9 +106,15 @@ def run_scale(args: argparse.Namespace) -> int:
     return _run(args)
 
 
-run_scale.arguments = _scale_arguments
-subcommand("scale", "accuracy vs budget of inference-time scaling methods (PF, PG, PT-PG, BoN, beam, DVTS) "
-           "on a task family")(run_scale)
+# name -> (add_arguments(parser), run(args) -> exit code, help)
+SUBCOMMANDS: Mapping[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = \
+    MappingProxyType({
+        "generate": (_generate_arguments, run_generate,
+                     "chat-generate with an LLM (default: the embedded SmolLM2-135M-Instruct), streaming"),
+        "scale": (_scale_arguments, run_scale,
+                  "accuracy vs budget of inference-time scaling methods (the registry app.methods.METHODS: "
+                  "PF, PG, PT-PG, BoN, beam, DVTS, ...) on a task family"),
+    })
 
 
 # ----------------------------------------------------------------------------- entry point

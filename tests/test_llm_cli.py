@@ -70,3 +70,15 @@ def test_cli_help_lists_scale():
     assert r.returncode == 0, r.stderr
     for opt in ("--task", "--methods", "--budgets", "--seeds", "--output-dir"):
         assert opt in r.stdout
+
+
+def test_subcommands_and_method_choices_come_from_immutable_registries():
+    import types
+
+    from app.methods import METHODS
+
+    assert isinstance(cli.SUBCOMMANDS, types.MappingProxyType) and set(cli.SUBCOMMANDS) == {"generate", "scale"}
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if a.dest == "command")
+    help_text = sub.choices["scale"].format_help()
+    assert all(name in help_text for name in METHODS)

@@ -159,3 +159,66 @@ def test_smollm2_particle_filter_with_llm_judge():
     assert 2 <= res.compute.tokens_generated <= 2 * 2 * 6
     assert 2 <= res.compute.reward_calls <= 4
     assert isinstance(res.text, str) and res.answer == res.text.strip().lower()
+
+
+# ------------------------------------------------------------------------------------------------
+# the registry of methods
+# ------------------------------------------------------------------------------------------------
+
+
+def test_method_registry_is_immutable_and_built_from_classes():
+    """METHODS maps each name to one Method object, each class in its own module of app.methods;
+    it cannot grow; scale and the CLI take their --methods choices from it; unknown names and
+    duplicate names are rejected."""
+    import importlib
+    import types
+
+    from app import scale
+    from app.methods import Method, get_method, method_registry
+    from app.methods.base import RunContext
+
+    assert isinstance(METHODS, types.MappingProxyType)
+    with pytest.raises(TypeError):
+        METHODS["mine"] = METHODS["pf"]
+    modules = set()
+    for name, m in METHODS.items():
+        assert isinstance(m, Method) and m.name == name and m.summary
+        modules.add(type(m).__module__)
+        assert importlib.import_module(type(m).__module__) is not None
+    assert len(modules) == len(METHODS)  # one file per method
+    assert set(METHODS) == {"pf", "pg", "ptpg", "bon", "wbon", "sc", "beam", "dvts"}
+    assert scale.method_names() == tuple(METHODS)
+    assert get_method("pf") is METHODS["pf"] and get_method(METHODS["sc"]) is METHODS["sc"]
+    with pytest.raises(ValueError, match="method must be one of"):
+        get_method("mcts")
+
+    class Twice(type(METHODS["pf"])):
+        pass
+
+    with pytest.raises(ValueError, match="two methods named 'pf'"):
+        method_registry((type(METHODS["pf"]), Twice))
+    with pytest.raises(TypeError, match="not a Method"):
+        method_registry((int,))
+    assert RunContext._fields[:4] == ("key", "model", "lm", "budget")
+
+
+def test_a_new_method_is_one_class():
+    """A Method subclass (outside the registry) runs through run_method like the built-in ones:
+    here particle filtering that reports the highest-weight particle."""
+    from app.methods import Method
+    from app.methods.particle_filter import ParticleFilter
+
+    class ArgmaxPF(Method):
+        name = "pf-argmax"
+        summary = "particle filter, highest-weight particle"
+
+        def run(self, ctx):
+            res = ParticleFilter().run(ctx._replace(selection="argmax"))
+            return res._replace(method=self.name)
+
+    lm = MarkovStepLM(toy_reasoning_model().lm)
+    res = run_method(ArgmaxPF(), jax.random.key(0), lm, [3], ProgrammaticStepVerifier(_step_score), 4,
+                     answer_fn=_answer, max_steps=6, max_step_tokens=3, max_new_tokens=6)
+    assert res.method == "pf-argmax" and res.weights[int(np.argmax(res.weights))] == max(res.weights)
+    assert res.answer == res.all_answers[int(np.argmax(res.weights))]
+    assert res.compute.tokens_generated >= 4 and res.compute.reward_calls >= 4

@@ -1,0 +1,58 @@
+"""``pf``: particle filtering — ``samplers.smc`` on the LLM Feynman-Kac model, N = B particles; the
+answer is the weighted majority Σ_i W_i 1{a_i = a} (or ``selection``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import equinox as eqx
+import numpy as np
+
+from app.methods.base import (
+    Compute,
+    Method,
+    MethodResult,
+    RunContext,
+    completion,
+    final,
+    normalised,
+    timed,
+    weighted_choice,
+)
+from models.llm_fk.ssm import total_compute
+from samplers.smc import smc
+
+__all__ = ["ParticleFilter"]
+
+
+@eqx.filter_jit
+def _pf_core(key, model, *, n, resampling, ess_threshold):
+    res = smc(key, model, n, resampling=resampling, ess_threshold=ess_threshold,
+              max_steps=model.max_steps)
+    flags = dict(extinct=res.extinct, num_nan_potentials=res.num_nan_potentials,
+                 reached_max_steps=res.reached_max_steps, num_steps=res.num_steps)
+    tokens, calls = total_compute(res.step_info)
+    return final(res.particles, res.log_weights), res.log_evidence, tokens, calls, flags
+
+
+class ParticleFilter(Method):
+    name: ClassVar[str] = "pf"
+    summary: ClassVar[str] = "particle filtering (samplers.smc), N = B particles"
+
+    def run(self, ctx: RunContext) -> MethodResult:
+        o, budget = ctx.options, ctx.budget
+        ess = o["ess_threshold"]
+        if ess is None:
+            ess = ctx.model.weighting.default_ess_threshold
+        (fin, log_z, tok, calls, flags), wall, comp = timed(
+            _pf_core, ctx.key, ctx.model, n=budget, resampling=o["resampling"], ess_threshold=float(ess))
+        comps = [completion(fin, i) for i in range(budget)]
+        answers = [ctx.answer_fn(c) for c in comps]
+        log_w = np.asarray(fin.log_weights, np.float64)
+        w = normalised(log_w)
+        i = weighted_choice(answers, w, log_w, ctx.selection, ctx.rng)
+        return MethodResult(
+            answers[i], ctx.lm.decode(comps[i]), comps[i], answers, w.tolist(),
+            Compute(int(tok), int(calls), wall, comp), self.name, float(log_z),
+            {k: np.asarray(v).item() for k, v in flags.items()},
+        )
