@@ -22,8 +22,9 @@ from typing import Any, Callable, ClassVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from ppl import checks, tree
 
 Particles = PyTree  # leaves with leading axis N
 Particle = PyTree  # leaves without the particle axis
@@ -135,8 +136,7 @@ class VmappedFeynmanKac(AbstractFeynmanKac):
         return jax.vmap(lambda k: self.init_one(self.params, k))(keys)
 
     def move(self, key, t, particles):
-        n = _num_particles(particles)
-        keys = jax.random.split(key, n)
+        keys = jax.random.split(key, tree.num_particles(particles))
         return jax.vmap(lambda k, x: self.move_one(self.params, k, t, x))(keys, particles)
 
     def log_potential(self, t, previous, particles):
@@ -178,8 +178,7 @@ def from_single_particle(
     for name, fn in (("init", init), ("move", move), ("log_potential", log_potential)):
         if not callable(fn):
             raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
-    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
-        raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
+    checks.optional_positive_int("num_steps", num_steps)
     return VmappedFeynmanKac(
         init_one=init,
         move_one=move,
@@ -190,9 +189,3 @@ def from_single_particle(
         num_steps=num_steps,
     )
 
-
-def _num_particles(particles: Particles) -> int:
-    leaves = jax.tree.leaves(particles)
-    if not leaves:
-        raise ValueError("particles pytree has no array leaves")
-    return jnp.shape(leaves[0])[0]

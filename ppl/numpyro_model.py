@@ -38,6 +38,8 @@ from numpyro.infer.util import (
     unconstrain_fn,
 )
 
+from ppl import checks
+
 __all__ = ["NumpyroModel", "from_numpyro"]
 
 
@@ -99,8 +101,7 @@ class NumpyroModel(eqx.Module):
     # ---- prior draws and constraining --------------------------------------------------------
     def sample_prior(self, key: PRNGKeyArray, num_samples: int) -> Float[Array, "n D"]:
         """``num_samples`` i.i.d. draws of z ~ π_0 (prior draws of θ mapped by T^{-1})."""
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        checks.positive_int("num_samples", num_samples)
 
         def one(k):
             tr = trace(seed(self.model, k)).get_trace(*self.model_args, **self.model_kwargs)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 
 __all__ = ["StateSpaceModel", "BootstrapFilter", "OnlineBootstrapFilter", "GuidedFilter"]
@@ -83,8 +84,7 @@ class StateSpaceModel(eqx.Module):
 
     def simulate(self, key, num_steps: int) -> tuple[PyTree, PyTree]:
         """Draw (x_{0:T-1}, y_{0:T-1}) from the model."""
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        checks.positive_int("num_steps", num_steps)
         k0, ky0, key = jax.random.split(key, 3)
         x0 = self.initial(self.params).sample(k0)
         y0 = self.observation(self.params, jnp.asarray(0), x0).sample(ky0)
@@ -98,8 +98,7 @@ class StateSpaceModel(eqx.Module):
 
         keys = jax.random.split(key, num_steps - 1)
         _, (xs, ys) = jax.lax.scan(body, x0, (jnp.arange(1, num_steps), keys))
-        cat = lambda a, b: jnp.concatenate([a[None], b], axis=0)  # noqa: E731
-        return jax.tree.map(cat, x0, xs), jax.tree.map(cat, y0, ys)
+        return tree.prepend(x0, xs), tree.prepend(y0, ys)
 
 
 def _horizon(observations) -> int:
@@ -139,7 +138,7 @@ def _check_observation_shapes(ssm: StateSpaceModel, observations) -> None:
 
 
 def _y(observations, t):
-    return jax.tree.map(lambda y: y[t], observations)
+    return tree.index_time(observations, t)
 
 
 class BootstrapFilter(AbstractFeynmanKac):
@@ -157,8 +156,7 @@ class BootstrapFilter(AbstractFeynmanKac):
         if self.ssm.vectorized:
             d = self.ssm.transition(self.ssm.params, t, particles)
             return _sample_batched(d, key, particles)
-        n = jax.tree.leaves(particles)[0].shape[0]
-        keys = jax.random.split(key, n)
+        keys = jax.random.split(key, tree.num_particles(particles))
         return jax.vmap(lambda k, x: self.ssm.transition(self.ssm.params, t, x).sample(k))(
             keys, particles
         )
@@ -212,8 +210,7 @@ class GuidedFilter(BootstrapFilter):
         if self.ssm.vectorized:
             d = self.proposal(self.ssm.params, t, particles, y)
             return _sample_batched(d, key, particles)
-        n = jax.tree.leaves(particles)[0].shape[0]
-        keys = jax.random.split(key, n)
+        keys = jax.random.split(key, tree.num_particles(particles))
         return jax.vmap(lambda k, x: self.proposal(self.ssm.params, t, x, y).sample(k))(
             keys, particles
         )
@@ -248,10 +245,6 @@ def _logp(dist, value) -> Float[Array, ""]:
     return jnp.sum(lp)
 
 
-def _num_particles(particles) -> int:
-    return jax.tree.leaves(particles)[0].shape[0]
-
-
 def _not_vectorized(what: str, got, want) -> ValueError:
     return ValueError(
         f"vectorized=True but {what} has shape {got} for a batch of particles, expected {want}: "
@@ -271,7 +264,7 @@ def _sample_batched(dist, key, particles):
 
 def _logp_batched(dist, value, particles) -> Float[Array, " N"]:
     """Batched :func:`_logp`: one log density per particle, summed over any trailing axes."""
-    n = _num_particles(particles)
+    n = tree.num_particles(particles)
     lp = dist.log_prob(value)
     if jnp.ndim(lp) < 1 or jnp.shape(lp)[0] != n:
         raise _not_vectorized("log_prob", jnp.shape(lp), f"({n}, ...)")

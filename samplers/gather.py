@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, PyTree
 
+from ppl.tree import gather as gather_rows
+
 __all__ = ["stable_ancestors", "is_stable", "copy_changed_rows", "resample_rows", "row_bytes",
            "IN_PLACE_MIN_ROW_BYTES"]
 
@@ -103,6 +105,6 @@ def resample_rows(tree: PyTree, ancestors: Int[Array, " N"]) -> tuple[PyTree, In
     ``used_ancestors[i]`` of ``tree``; record ``used_ancestors`` in the genealogy.
     """
     if row_bytes(tree) < IN_PLACE_MIN_ROW_BYTES:
-        return jax.tree.map(lambda x: jnp.take(x, ancestors, axis=0), tree), ancestors
+        return gather_rows(tree, ancestors), ancestors
     stable = stable_ancestors(ancestors)
     return copy_changed_rows(tree, stable), stable

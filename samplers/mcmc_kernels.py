@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ppl import checks
+
 __all__ = ["AbstractMCMCKernel", "RandomWalk", "HMC", "NUTS", "get_kernel"]
 
 
@@ -108,10 +110,7 @@ class HMC(_GradientKernel):
     acceptance: float = 0.8
 
     def __check_init__(self):
-        if not isinstance(self.num_integration_steps, int) or self.num_integration_steps < 1:
-            raise ValueError(
-                f"num_integration_steps must be an int >= 1, got {self.num_integration_steps!r}"
-            )
+        checks.positive_int("num_integration_steps", self.num_integration_steps)
 
     def build(self, logdensity_fn, prepared):
         step_size, cov = prepared
@@ -125,10 +124,7 @@ class NUTS(_GradientKernel):
     acceptance: float = 0.8
 
     def __check_init__(self):
-        if not isinstance(self.max_num_doublings, int) or self.max_num_doublings < 1:
-            raise ValueError(
-                f"max_num_doublings must be an int >= 1, got {self.max_num_doublings!r}"
-            )
+        checks.positive_int("max_num_doublings", self.max_num_doublings)
 
     def build(self, logdensity_fn, prepared):
         step_size, cov = prepared
@@ -142,10 +138,4 @@ _KERNELS = {"rwm": RandomWalk, "random_walk": RandomWalk, "hmc": HMC, "nuts": NU
 
 def get_kernel(kernel: str | AbstractMCMCKernel) -> AbstractMCMCKernel:
     """A kernel strategy from its name (``"rwm"``, ``"hmc"``, ``"nuts"``) or instance."""
-    if isinstance(kernel, AbstractMCMCKernel):
-        return kernel
-    if isinstance(kernel, str) and kernel.lower() in _KERNELS:
-        return _KERNELS[kernel.lower()]()
-    raise ValueError(
-        f"unknown MCMC kernel {kernel!r}: use 'rwm', 'hmc', 'nuts' or an AbstractMCMCKernel"
-    )
+    return checks.strategy("MCMC kernel", kernel, AbstractMCMCKernel, _KERNELS)

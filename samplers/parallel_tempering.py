@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 from samplers.particle_gibbs import csmc_kernel
 from samplers.smc import SMCResult, smc
@@ -49,22 +50,17 @@ __all__ = [
 ]
 
 
-def _row(tree: PyTree, i) -> PyTree:
-    return jax.tree.map(lambda x: x[i], tree)
-
-
 def path_log_potential(model: AbstractFeynmanKac, path: PyTree) -> Float[Array, ""]:
     """Σ_t log G_t(x_{t−1}, x_t) along one path (leaves [T, ...]); steps whose previous state is
     ``done`` contribute 0 (absorbing states, as in the engine). NaN counts as −∞."""
-    t_len = jax.tree.leaves(path)[0].shape[0]
-    x0 = jax.tree.map(lambda x: x[:1], path)
+    t_len = tree.leading_size(path, "path")
+    x0 = tree.add_axis(tree.row(path, 0))
     total = model.log_potential(jnp.asarray(0, jnp.int32), None, x0)[0]
     if t_len > 1:
-        prev = jax.tree.map(lambda x: x[:-1], path)
-        cur = jax.tree.map(lambda x: x[1:], path)
+        prev, cur = tree.consecutive(path)
 
         def one(t, p, c):
-            p1, c1 = jax.tree.map(lambda x: x[None], p), jax.tree.map(lambda x: x[None], c)
+            p1, c1 = tree.add_axis(p), tree.add_axis(c)
             g = model.log_potential(t, p1, c1)[0]
             d = model.done(p1)
             return g if d is None else jnp.where(d[0], 0.0, g)
@@ -99,8 +95,8 @@ def csmc_sweep(
     res = smc(k_smc, model, num_particles, resampling=resampling, ess_threshold=ess_threshold,
               max_steps=max_steps, reference=reference, ancestor_sampling=ancestor_sampling)
     k = jax.random.categorical(k_sel, res.log_weights)
-    new = path_fn(model, _row(res.particles, k))
-    new = jax.tree.map(lambda a, b: jnp.where(res.extinct, b.astype(a.dtype), a), new, reference)
+    new = path_fn(model, tree.row(res.particles, k))
+    new = tree.where(~res.extinct, new, reference)
     return new, res
 
 
@@ -139,9 +135,8 @@ def _default_sweep(out):
 
 
 def _check(num_particles, num_iterations, betas):
-    for name, v in (("num_particles", num_particles), ("num_iterations", num_iterations)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    checks.positive_int("num_particles", num_particles)
+    checks.positive_int("num_iterations", num_iterations)
     b = jnp.asarray(betas)
     if b.ndim != 1 or b.shape[0] < 1:
         raise ValueError(f"betas must be a 1-D array of C >= 1 inverse temperatures, got shape {b.shape}")
@@ -191,8 +186,7 @@ def parallel_tempering_pg(
         :class:`PTPGResult`.
     """
     c = _check(num_particles, num_iterations, betas)
-    if not callable(tempered):
-        raise TypeError("tempered must be callable: tempered(model, beta) -> model")
+    checks.function("tempered", tempered, "tempered(model, beta) -> model")
     for leaf in jax.tree.leaves(init_paths):
         if jnp.shape(leaf)[:1] != (c,):
             raise ValueError(f"init_paths leaves need a leading chain axis of {c}, got {jnp.shape(leaf)}")
@@ -240,7 +234,7 @@ def _pt_jit(key, model, betas, paths, *, num_particles, num_iterations, tempered
             up = jnp.concatenate([accepted, jnp.zeros((1,), bool)])  # chain a swaps with a + 1
             down = jnp.concatenate([jnp.zeros((1,), bool), accepted])  # chain a swaps with a − 1
             perm = jnp.where(up, perm + 1, jnp.where(down, perm - 1, perm))
-            new = jax.tree.map(lambda x: jnp.take(x, perm, axis=0), new)
+            new = tree.gather(new, perm)
         else:
             proposed = accepted = jnp.zeros((max(c - 1, 0),), bool)
         rec = jax.vmap(record_fn)(new)
@@ -264,7 +258,7 @@ def particle_gibbs_fk(
 ) -> PTPGResult:
     """Particle Gibbs on any Feynman-Kac model: :func:`parallel_tempering_pg` with one chain at
     β = 1 (``tempered`` = identity; ``init_path`` leaves [T, ...]). Results have a chain axis of 1."""
-    paths = jax.tree.map(lambda x: jnp.asarray(x)[None], init_path)
+    paths = tree.add_axis(init_path)
     kwargs.setdefault("tempered", _identity_tempered)
     return parallel_tempering_pg(key, model, jnp.ones((1,)), paths, num_particles, num_iterations,
                                  swap=False, **kwargs)
@@ -304,6 +298,6 @@ def _init_jit(key, model, betas, *, num_particles, c, tempered, path_fn, resampl
         res = smc(k1, m, num_particles, resampling=resampling, ess_threshold=ess_threshold,
                   max_steps=max_steps)
         i = jax.random.categorical(k2, res.log_weights)
-        return path_fn(m, _row(res.particles, i)), res
+        return path_fn(m, tree.row(res.particles, i)), res
 
     return jax.vmap(one)(jax.random.split(key, c), betas)

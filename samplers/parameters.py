@@ -22,6 +22,8 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from numpyro.distributions.transforms import biject_to
 
+from ppl import checks
+
 __all__ = ["ParameterSpace", "place_params", "check_placeable", "make_params_fn"]
 
 
@@ -176,8 +178,7 @@ def place_params(base: PyTree, theta: Mapping[str, Any]) -> PyTree:
 def make_params_fn(base: PyTree, names: tuple[str, ...], params_fn: Callable | None):
     """``params_fn`` if given, else θ ↦ :func:`place_params` (base, θ) (checked now)."""
     if params_fn is not None:
-        if not callable(params_fn):
-            raise TypeError("params_fn must be callable: params_fn(theta) -> model params")
+        checks.function("params_fn", params_fn, "params_fn(theta) -> model params")
         return params_fn
     check_placeable(base, names)
     return None

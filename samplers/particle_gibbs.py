@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.state_space import StateSpaceModel
 from samplers.parameters import ParameterSpace, make_params_fn, place_params
@@ -120,17 +121,15 @@ def csmc_kernel(
     if backward_sampling:
         s = _ffbs(k_sel, model, res.history, res.log_weights, 1, include_potential)
         idx = s.indices[0]
-        traj = jax.tree.map(lambda x: x[0], s.trajectories)
+        traj = tree.row(s.trajectories, 0)
     else:
         final = jax.random.categorical(k_sel, res.log_weights).astype(jnp.int32)
         b = trace_genealogy(res.history, final[None], res.num_steps)
         idx = b[0]
-        traj = jax.tree.map(lambda x: x[0], _paths_from_indices(res.history, b, res.num_steps))
+        traj = tree.row(_paths_from_indices(res.history, b, res.num_steps), 0)
     length = idx.shape[0]
     ref = jax.tree.map(lambda r: r[:length], reference)
-    traj = jax.tree.map(
-        lambda new, old: jnp.where(res.extinct, old.astype(new.dtype), new), traj, ref
-    )
+    traj = tree.where(~res.extinct, traj, ref)
     idx = jnp.where(res.extinct, 0, idx)
     return CSMCOutput(traj, idx, res.log_evidence, res.num_steps, res.extinct, res.history)
 
@@ -144,17 +143,15 @@ def ssm_log_joint(
 ) -> Float[Array, ""]:
     """Complete-data log-likelihood log p_θ(x_{0:T-1}, y_{0:T-1}) of a state-space model."""
     p = ssm.params
-    T = jax.tree.leaves(trajectory)[0].shape[0]
-    at = lambda tree, t: jax.tree.map(lambda a: a[t], tree)  # noqa: E731
-    x0 = at(trajectory, 0)
+    T = tree.leading_size(trajectory, "trajectory")
+    x0 = tree.row(trajectory, 0)
     lp = jnp.sum(ssm.initial(p).log_prob(x0))
     ts = jnp.arange(T, dtype=jnp.int32)
     obs = jax.vmap(
         lambda t, x, y: jnp.sum(ssm.observation(p, t, x).log_prob(y))
     )(ts, trajectory, observations)
     if T > 1:
-        prev = jax.tree.map(lambda a: a[:-1], trajectory)
-        cur = jax.tree.map(lambda a: a[1:], trajectory)
+        prev, cur = tree.consecutive(trajectory)
         trans = jax.vmap(lambda t, xp, x: jnp.sum(ssm.transition(p, t, xp).log_prob(x)))(
             ts[1:], prev, cur
         )
@@ -214,10 +211,8 @@ def blackjax_theta_update(
     Returns ``update(key, theta, trajectory) -> theta``.
     """
     space = ParameterSpace(prior)
-    if not callable(algorithm):
-        raise TypeError("algorithm must be callable: algorithm(logdensity_fn) -> SamplingAlgorithm")
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    checks.function("algorithm", algorithm, "algorithm(logdensity_fn) -> SamplingAlgorithm")
+    checks.positive_int("num_steps", num_steps)
     make_params_fn(ssm.params, space.names, params_fn)  # validates the names now
     return BlackjaxThetaUpdate(ssm, observations, space, algorithm, params_fn, num_steps)
 
@@ -301,16 +296,14 @@ def particle_gibbs(
     ``theta_update`` is part of the compiled program's static signature: define it once (or use
     :func:`blackjax_theta_update`, a module whose arrays are traced) to reuse the compilation.
     """
-    _check_pos_int("num_particles", num_particles)
-    _check_pos_int("num_samples", num_samples)
-    _check_pos_int("num_chains", num_chains)
-    _check_pos_int("thin", thin)
-    if not isinstance(num_warmup, int) or num_warmup < 0:
-        raise ValueError(f"num_warmup must be an int >= 0, got {num_warmup!r}")
-    if not isinstance(ssm, StateSpaceModel):
-        raise TypeError(f"ssm must be a StateSpaceModel, got {type(ssm).__name__}")
-    if theta_update is not None and not callable(theta_update):
-        raise TypeError("theta_update must be callable: theta_update(key, theta, trajectory)")
+    checks.positive_int("num_particles", num_particles)
+    checks.positive_int("num_samples", num_samples)
+    checks.positive_int("num_chains", num_chains)
+    checks.positive_int("thin", thin)
+    checks.positive_int("num_warmup", num_warmup, minimum=0)
+    checks.instance("ssm", ssm, StateSpaceModel)
+    if theta_update is not None:
+        checks.function("theta_update", theta_update, "theta_update(key, theta, trajectory)")
     k_theta, k_run = jax.random.split(key)
 
     if theta_update is None:
@@ -326,14 +319,12 @@ def particle_gibbs(
         else:
             if init_params is None:
                 raise ValueError("give init_params or a prior to draw initial θ from")
-            theta0 = {
-                k: jnp.broadcast_to(jnp.asarray(v), (num_chains,) + jnp.shape(v))
-                for k, v in init_params.items()
-            }
+            theta0 = tree.broadcast_rows({k: jnp.asarray(v) for k, v in init_params.items()},
+                                         num_chains)
             names = tuple(init_params)
         to_params = make_params_fn(ssm.params, names, params_fn)
 
-    horizon = _horizon(observations)
+    horizon = tree.leading_size(observations, "observations")
     x0 = None if init_trajectory is None else _broadcast_paths(init_trajectory, horizon, num_chains)
 
     cfg = _PGConfig(
@@ -384,18 +375,6 @@ def _with_theta(ssm, to_params, theta):
     return ssm.with_params(to_params(theta))
 
 
-def _check_pos_int(name, v):
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-
-
-def _horizon(observations) -> int:
-    leaves = jax.tree.leaves(observations)
-    if not leaves or jnp.ndim(leaves[0]) == 0:
-        raise ValueError("observations need a leading time axis")
-    return int(jnp.shape(leaves[0])[0])
-
-
 def _broadcast_paths(paths, horizon, num_chains):
     def one(x):
         x = jnp.asarray(x)
@@ -430,7 +409,7 @@ def _forward_path(key, model, horizon):
 def _pg_run(keys, ssm, observations, theta0, x0, theta_update, to_params, cfg: _PGConfig):
     """All chains in one program: a single ``scan`` over W + S·thin sweeps (the CSMC appears once
     in the program), writing every thin-th sweep after warmup into the output buffers."""
-    horizon = jax.tree.leaves(observations)[0].shape[0]
+    horizon = tree.leading_size(observations, "observations")
     total = cfg.num_warmup + cfg.num_samples * cfg.thin
 
     def sweep(theta, x, k):
@@ -457,8 +436,8 @@ def _pg_run(keys, ssm, observations, theta0, x0, theta_update, to_params, cfg: _
             model = _with_theta(ssm, to_params, theta).bootstrap(observations)
             x = _forward_path(k_path, model, horizon)
 
-        def buffer(tree):
-            return jax.tree.map(lambda a: jnp.zeros((cfg.num_samples,) + a.shape, a.dtype), tree)
+        def buffer(like):
+            return tree.buffer(like, cfg.num_samples)
 
         def body(carry, inp):
             theta, x, moved, n_ext, th_buf, x_buf, lz_buf = carry

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
 from ppl.state_space import StateSpaceModel
 from samplers.parameters import ParameterSpace, make_params_fn, place_params
 from samplers.smc import smc
@@ -165,15 +166,12 @@ def random_walk_metropolis(
     s being tuned towards ``target_acceptance`` (``None``: s = 1). The proposal is frozen after
     warmup.
     """
-    if target_acceptance is not None and not 0.0 < target_acceptance < 1.0:
-        raise ValueError(f"target_acceptance must be in (0, 1) or None, got {target_acceptance!r}")
-    if not callable(log_likelihood):
-        raise TypeError("log_likelihood must be callable: log_likelihood(key, theta) -> scalar")
-    for name, v in (("num_samples", num_samples), ("num_chains", num_chains)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if not isinstance(num_warmup, int) or num_warmup < 0:
-        raise ValueError(f"num_warmup must be an int >= 0, got {num_warmup!r}")
+    if target_acceptance is not None:
+        checks.probability("target_acceptance", target_acceptance, strict=True)
+    checks.function("log_likelihood", log_likelihood, "log_likelihood(key, theta) -> scalar")
+    checks.positive_int("num_samples", num_samples)
+    checks.positive_int("num_chains", num_chains)
+    checks.positive_int("num_warmup", num_warmup, minimum=0)
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale!r}")
     space = ParameterSpace(prior)
@@ -232,10 +230,8 @@ def pmmh(
     0.15 reflects the optimal scaling of PMMH with a noisy likelihood (Sherlock, Thiery, Roberts
     & Rosenthal 2015).
     """
-    if not isinstance(ssm, StateSpaceModel):
-        raise TypeError(f"ssm must be a StateSpaceModel, got {type(ssm).__name__}")
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
+    checks.instance("ssm", ssm, StateSpaceModel)
+    checks.positive_int("num_particles", num_particles)
     space = ParameterSpace(prior)
     to_params = make_params_fn(ssm.params, space.names, params_fn)
     loglik = ParticleFilterLikelihood(
@@ -338,13 +334,13 @@ def _rw_run(keys, u0, space: ParameterSpace, log_likelihood, cov0, cfg: _RWConfi
             # finite proposal
             accept = accept | (it == 0) | (~jnp.isfinite(state.log_lik + state.log_prior)
                                            & jnp.isfinite(prop.log_lik + prop.log_prior))
-            state = jax.tree.map(lambda a, b: jnp.where(accept, a, b), prop, state)
+            state = tree.where(accept, prop, state)
             alpha = jnp.exp(jnp.minimum(log_alpha, 0.0))
             if cfg.adapt and warm_n > 0:
                 i = it - 1
                 new_ad = adapt(ad, i, state.u, alpha)
                 in_warmup = (it >= 1) & (it <= warm_n)
-                ad = jax.tree.map(lambda a, b: jnp.where(in_warmup, a, b), new_ad, ad)
+                ad = tree.where(in_warmup, new_ad, ad)
             out = (state.theta, state.log_lik, accept)
             return (state, ad, n_nf + nonfinite), out
 

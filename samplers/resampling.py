@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ppl import checks
+
 __all__ = [
     "AbstractResampling",
     "Multinomial",
@@ -294,11 +296,4 @@ _SCHEMES = {
 
 def get_resampling(scheme: str | AbstractResampling) -> AbstractResampling:
     """Return a resampling strategy from a name or an instance (clear error otherwise)."""
-    if isinstance(scheme, AbstractResampling):
-        return scheme
-    if isinstance(scheme, str) and scheme.lower() in _SCHEMES:
-        return _SCHEMES[scheme.lower()]()
-    raise ValueError(
-        f"unknown resampling scheme {scheme!r}; choose one of {sorted(_SCHEMES)} or pass an "
-        "AbstractResampling instance"
-    )
+    return checks.strategy("resampling scheme", scheme, AbstractResampling, _SCHEMES)

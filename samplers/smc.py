@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.random import fast_key
 from samplers import smc_kernel
 from samplers.resampling import AbstractResampling, get_resampling
-from samplers.smc_kernel import SMCInfo, SMCState, check_ess_threshold
+from samplers.smc_kernel import SMCInfo, SMCState
 
 __all__ = ["smc", "SMCResult", "SMCHistory", "SMCState", "SMCInfo"]
 
@@ -90,17 +91,11 @@ class SMCResult(NamedTuple):
 
 
 def _validate(model, num_particles, ess_threshold, num_steps, max_steps, resample_schedule):
-    if not isinstance(model, AbstractFeynmanKac):
-        raise TypeError(
-            f"model must be an AbstractFeynmanKac (see ppl.feynman_kac), got {type(model).__name__}"
-        )
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
-    check_ess_threshold(ess_threshold)
-    if num_steps is not None and (not isinstance(num_steps, int) or num_steps < 1):
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    checks.feynman_kac_model(model)
+    checks.positive_int("num_particles", num_particles)
+    checks.probability("ess_threshold", ess_threshold)
+    checks.optional_positive_int("num_steps", num_steps)
+    checks.optional_positive_int("max_steps", max_steps)
     if resample_schedule is not None:
         sched = jnp.asarray(resample_schedule)
         if sched.dtype != jnp.bool_ or sched.ndim != 1:
@@ -192,15 +187,6 @@ def smc(
     )
 
 
-def _buffer(x, length):
-    return jnp.zeros((length,) + jnp.shape(x), jnp.result_type(x)).at[0].set(x)
-
-
-def _prepend(first, rest):
-    """Step 0's value followed by the stacked values of steps 1..T−1."""
-    return jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a)[None], b]), first, rest)
-
-
 @eqx.filter_jit
 def _smc_jit(
     key,
@@ -220,7 +206,7 @@ def _smc_jit(
     n = num_particles
     key_init, _, key_loop = jax.random.split(key, 3)
     conditional = reference is not None
-    ref0 = jax.tree.map(lambda r: r[0], reference) if conditional else None
+    ref0 = tree.row(reference, 0) if conditional else None
     state0 = smc_kernel.init(key_init, model, n, reference=ref0)
     model0 = eqx.combine(state0.model, model) if model.is_adaptive else model
     info0 = model0.info()
@@ -229,7 +215,7 @@ def _smc_jit(
     def kernel_step(state, k, t):
         ref_t = None
         if conditional:
-            ref_t = jax.tree.map(lambda r: jax.lax.dynamic_index_in_dim(r, t, 0, keepdims=False), reference)
+            ref_t = tree.index_time(reference, t)
         force = resample_schedule[t] if resample_schedule is not None else None
         return smc_kernel.step(
             k, state, model, resampling=resampling, ess_threshold=ess_threshold,
@@ -251,14 +237,14 @@ def _smc_jit(
         )
         steps_run = jnp.asarray(horizon, jnp.int32)
         at_cap = jnp.asarray(False)
-        ess = _prepend(state0.ess, infos.ess)
-        resampled = _prepend(jnp.asarray(False), infos.resampled)
-        increments = _prepend(state0.log_evidence, infos.log_evidence_increment)
-        model_info = _prepend(info0, infos.model_info)
-        step_info = _prepend(step_info0, infos.step_info)
+        ess = tree.prepend(state0.ess, infos.ess)
+        resampled = tree.prepend(jnp.asarray(False), infos.resampled)
+        increments = tree.prepend(state0.log_evidence, infos.log_evidence_increment)
+        model_info = tree.prepend(info0, infos.model_info)
+        step_info = tree.prepend(step_info0, infos.step_info)
         if store_history:
-            ancestors = _prepend(jnp.arange(n, dtype=jnp.int32), infos.ancestors)
-            hist_particles, hist_log_w = _prepend((state0.particles, state0.log_weights), rows)
+            ancestors = tree.prepend(jnp.arange(n, dtype=jnp.int32), infos.ancestors)
+            hist_particles, hist_log_w = tree.prepend((state0.particles, state0.log_weights), rows)
     else:
         def all_done(st):
             mdl = eqx.combine(st.model, model) if model.is_adaptive else model
@@ -266,31 +252,31 @@ def _smc_jit(
             return jnp.asarray(False) if d is None else jnp.all(d)
 
         def record(bufs, t, info, st):
-            def put(b, x):
-                return jax.tree.map(lambda bb, xx: bb.at[t].set(xx), b, x)
-
             out = {
                 "ess": bufs["ess"].at[t].set(info.ess),
                 "resampled": bufs["resampled"].at[t].set(info.resampled),
                 "increments": bufs["increments"].at[t].set(info.log_evidence_increment),
-                "model_info": put(bufs["model_info"], info.model_info),
-                "step_info": put(bufs["step_info"], info.step_info),
+                "model_info": tree.set_row(bufs["model_info"], t, info.model_info),
+                "step_info": tree.set_row(bufs["step_info"], t, info.step_info),
             }
             if store_history:
                 out["ancestors"] = bufs["ancestors"].at[t].set(info.ancestors)
-                out["rows"] = put(bufs["rows"], (st.particles, st.log_weights))
+                out["rows"] = tree.set_row(bufs["rows"], t, (st.particles, st.log_weights))
             return out
+
+        def first_row(x):  # a [length, ...] buffer holding step 0's value
+            return tree.set_row(tree.buffer(x, length), 0, x)
 
         bufs0 = {
             "ess": jnp.full((length,), jnp.nan).at[0].set(state0.ess),
             "resampled": jnp.zeros((length,), bool),
             "increments": jnp.zeros((length,)).at[0].set(state0.log_evidence),
-            "model_info": jax.tree.map(lambda x: _buffer(x, length), info0),
-            "step_info": jax.tree.map(lambda x: _buffer(x, length), step_info0),
+            "model_info": first_row(info0),
+            "step_info": first_row(step_info0),
         }
         if store_history:
-            bufs0["ancestors"] = _buffer(jnp.arange(n, dtype=jnp.int32), length)
-            bufs0["rows"] = jax.tree.map(lambda x: _buffer(x, length), (state0.particles, state0.log_weights))
+            bufs0["ancestors"] = first_row(jnp.arange(n, dtype=jnp.int32))
+            bufs0["rows"] = first_row((state0.particles, state0.log_weights))
 
         def cond(c):
             t, st, _, _ = c

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 from samplers.gather import IN_PLACE_MIN_ROW_BYTES, resample_rows, row_bytes
 from samplers.resampling import AbstractResampling, get_resampling, normalise
@@ -100,22 +101,6 @@ class SMCInfo(NamedTuple):
 # ------------------------------------------------------------------------------------------------
 
 
-def _gather(tree: PyTree, idx: Int[Array, " N"]) -> PyTree:
-    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree)
-
-
-def _where_rows(mask: Bool[Array, " N"], a: PyTree, b: PyTree) -> PyTree:
-    def sel(x, y):
-        m = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-        return jnp.where(m, x, y)
-
-    return jax.tree.map(sel, a, b)
-
-
-def _set_row0(tree: PyTree, row: PyTree) -> PyTree:
-    return jax.tree.map(lambda x, r: x.at[0].set(r), tree, row)
-
-
 def _check_potential(log_g: Array, n: int, where: str) -> Array:
     if jnp.shape(log_g) != (n,):
         raise ValueError(
@@ -149,21 +134,6 @@ def reweight(log_w_prev: Float[Array, " N"], log_g: Float[Array, " N"]):
     inc = jnp.where(jnp.isnan(inc) | (inc == jnp.inf), -jnp.inf, inc)
     ess = jnp.where(dead, jnp.asarray(n, sum_e.dtype), sum_e * sum_e / jnp.sum(e * e))
     return log_w, inc, dead, ess, num_nan
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, AbstractFeynmanKac):
-        raise TypeError(
-            f"model must be an AbstractFeynmanKac (see ppl.feynman_kac), got {type(model).__name__}"
-        )
-
-
-def check_ess_threshold(ess_threshold) -> float:
-    if isinstance(ess_threshold, bool) or not (
-        isinstance(ess_threshold, (int, float)) and 0.0 <= float(ess_threshold) <= 1.0
-    ):
-        raise ValueError(f"ess_threshold must be a number in [0, 1], got {ess_threshold!r}")
-    return float(ess_threshold)
 
 
 def _ancestors_fn(resampling: AbstractResampling, n: int, conditional: bool):
@@ -236,10 +206,8 @@ def init(
         reference: conditional SMC: the pinned particle x*_0 (leaves without the particle axis),
             placed in slot 0.
     """
-    _check_model(model)
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
-    n = num_particles
+    checks.feynman_kac_model(model)
+    n = checks.positive_int("num_particles", num_particles)
     log_n = math.log(n)
     particles = model.init(key, n)
     leaves = jax.tree.leaves(particles)
@@ -249,7 +217,7 @@ def init(
             f"{[jnp.shape(x) for x in leaves]}"
         )
     if reference is not None:
-        particles = _set_row0(particles, reference)
+        particles = tree.set_row(particles, 0, reference)
     t0 = jnp.asarray(0, jnp.int32)
     if model.is_adaptive:
         model = model.adapt(t0, particles, jnp.full((n,), -log_n))
@@ -294,8 +262,8 @@ def step(
     Returns:
         ``(new_state, info)``.
     """
-    _check_model(model)
-    threshold = check_ess_threshold(ess_threshold)
+    checks.feynman_kac_model(model)
+    threshold = checks.probability("ess_threshold", ess_threshold)
     if ancestor_sampling and reference is None:
         raise ValueError("ancestor_sampling=True needs a reference particle (conditional SMC)")
     resampling = get_resampling(resampling)
@@ -316,14 +284,14 @@ def step(
     sg_log_w = jax.lax.stop_gradient(log_w)
     if conditional:
         if ancestor_sampling:
-            ref_batch = jax.tree.map(lambda r: jnp.broadcast_to(r, (n,) + jnp.shape(r)), reference)
+            ref_batch = tree.broadcast_rows(reference, n)
             log_m = mdl.log_transition(t, particles, ref_batch)
             pin = jax.random.categorical(k_as, jax.lax.stop_gradient(sg_log_w + log_m)).astype(jnp.int32)
         else:
             pin = jnp.asarray(0, jnp.int32)
         ancestors = _ancestors_fn(resampling, n, True)(flag, k_res, sg_log_w, pin)
         # slot 0 may switch ancestor without resampling (ancestor sampling): always gather
-        previous = _gather(particles, ancestors)
+        previous = tree.gather(particles, ancestors)
         # After resampling W = 1/N in value; the ancestor's log-weight is kept as a zero-valued
         # term log W_a − sg(log W_a) so that gradients see the weights' dependence on θ
         # (Ścibior & Wood 2021), giving a consistent score estimate (Poyiadjis et al. 2011).
@@ -344,7 +312,7 @@ def step(
             # rows are overwritten, in place; with the identity nothing is copied
             previous, ancestors = resample_rows(particles, ancestors)
         else:
-            previous = jax.lax.cond(flag, lambda p: _gather(p, ancestors), lambda p: p, particles)
+            previous = jax.lax.cond(flag, lambda p: tree.gather(p, ancestors), lambda p: p, particles)
         log_w_anc = jnp.take(log_w, ancestors)
         log_w = jnp.where(flag, -log_n + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
 
@@ -353,9 +321,9 @@ def step(
     view = mdl.previous_view(previous)
     moved = mdl.move(k_move, t, previous)
     if done is not None and not mdl.move_keeps_done:
-        moved = _where_rows(done, previous, moved)
+        moved = tree.where_rows(done, previous, moved)
     if conditional:
-        moved = _set_row0(moved, reference)
+        moved = tree.set_row(moved, 0, reference)
 
     # 3. adapt, weight
     if model.is_adaptive:
@@ -403,7 +371,7 @@ def resample_final(
     a = resampling(key, jax.lax.stop_gradient(state.log_weights), n).astype(jnp.int32)
     lw_a = jnp.take(state.log_weights, a)
     return state._replace(
-        particles=_gather(state.particles, a),
+        particles=tree.gather(state.particles, a),
         log_weights=-math.log(n) + lw_a - jax.lax.stop_gradient(lw_a),
         ess=jnp.asarray(n, state.ess.dtype),
     ), a

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 from samplers.smc import SMCHistory, SMCResult
 
@@ -130,7 +131,7 @@ def sample_genealogy(
 ) -> SmoothingSamples:
     """Draw ``num_samples`` final particles from W_{T-1} and trace their genealogy."""
     _check_result(result)
-    _check_count(num_samples)
+    checks.positive_int("num_samples", num_samples)
     idx = jax.random.categorical(key, result.log_weights, shape=(num_samples,)).astype(jnp.int32)
     b = trace_genealogy(result.history, idx, result.num_steps)
     paths = _paths_from_indices(result.history, b, result.num_steps)
@@ -144,19 +145,9 @@ def _check_result(result):
         raise ValueError("the SMC run stored no history: call smc(..., store_history=True)")
 
 
-def _check_count(m):
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {m!r}")
-
-
-def _index_time(tree, t):
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, t, 0, keepdims=False), tree)
-
-
 def _backward_log_weights(model, t_next, x_t, x_next_one, include_potential):
     """log m_{t+1}(x_t^i, x_{t+1}) (+ log G_{t+1}) for all i, for one x_{t+1} (no particle axis)."""
-    n = jax.tree.leaves(x_t)[0].shape[0]
-    batch = jax.tree.map(lambda r: jnp.broadcast_to(r, (n,) + r.shape), x_next_one)
+    batch = tree.broadcast_rows(x_next_one, tree.num_particles(x_t))
     lw = model.log_transition(t_next, x_t, batch)
     if include_potential:
         lw = lw + model.log_potential(t_next, x_t, batch)
@@ -165,8 +156,7 @@ def _backward_log_weights(model, t_next, x_t, x_next_one, include_potential):
 
 def _check_backward_inputs(model, result):
     _check_result(result)
-    if not isinstance(model, AbstractFeynmanKac):
-        raise TypeError(f"model must be an AbstractFeynmanKac, got {type(model).__name__}")
+    checks.feynman_kac_model(model)
     if getattr(model, "num_steps", None) is None:
         raise ValueError(
             "backward sampling needs a fixed-horizon model (num_steps); for variable horizons use "
@@ -189,7 +179,7 @@ def ffbs(
     P(b_t = i | b_{t+1}) ∝ W_t^i exp(log_transition(t+1, x_t^i, x_{t+1}^{b_{t+1}})).
     """
     _check_backward_inputs(model, result)
-    _check_count(num_samples)
+    checks.positive_int("num_samples", num_samples)
     return _ffbs(key, model, result.history, result.log_weights, num_samples, include_potential)
 
 
@@ -200,9 +190,9 @@ def _ffbs(key, model, history, final_log_w, m, include_potential):
 
     def step(b_next, inp):
         t, k = inp  # sample b_t given b_{t+1}
-        x_t = _index_time(history.particles, t)
-        x_next = _index_time(history.particles, t + 1)
-        chosen = jax.tree.map(lambda x: jnp.take(x, b_next, axis=0), x_next)  # [M, ...]
+        x_t = tree.index_time(history.particles, t)
+        x_next = tree.index_time(history.particles, t + 1)
+        chosen = tree.gather(x_next, b_next)  # [M, ...]
         log_m = jax.vmap(
             lambda one: _backward_log_weights(model, t + 1, x_t, one, include_potential)
         )(chosen)  # [M, N]
@@ -233,9 +223,8 @@ def mcmc_backward_sampling(
     x_{t+1})): each step leaves the FFBS backward kernel invariant.
     """
     _check_backward_inputs(model, result)
-    _check_count(num_samples)
-    if not isinstance(num_mcmc_steps, int) or num_mcmc_steps < 1:
-        raise ValueError(f"num_mcmc_steps must be an int >= 1, got {num_mcmc_steps!r}")
+    checks.positive_int("num_samples", num_samples)
+    checks.positive_int("num_mcmc_steps", num_mcmc_steps)
     return _mcmc_backward(
         key, model, result.history, result.log_weights, num_samples, num_mcmc_steps,
         include_potential,
@@ -244,7 +233,7 @@ def mcmc_backward_sampling(
 
 def _log_m_pairs(model, t_next, x_t, idx, x_next_chosen, include_potential):
     """log m_{t+1}(x_t^{idx[m]}, x_next_chosen[m]) for m = 1..M (batched over M)."""
-    prev = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), x_t)
+    prev = tree.gather(x_t, idx)
     lw = model.log_transition(t_next, prev, x_next_chosen)
     if include_potential:
         lw = lw + model.log_potential(t_next, prev, x_next_chosen)
@@ -259,9 +248,9 @@ def _mcmc_backward(key, model, history, final_log_w, m, num_mcmc_steps, include_
     def step(carry, inp):
         b_next, n_acc = carry
         t, k = inp
-        x_t = _index_time(history.particles, t)
-        x_next = _index_time(history.particles, t + 1)
-        chosen = jax.tree.map(lambda x: jnp.take(x, b_next, axis=0), x_next)
+        x_t = tree.index_time(history.particles, t)
+        x_next = tree.index_time(history.particles, t + 1)
+        chosen = tree.gather(x_next, b_next)
         cur = jnp.take(history.ancestors[t + 1], b_next)
         log_cur = _log_m_pairs(model, t + 1, x_t, cur, chosen, include_potential)
         w = jnp.exp(history.log_weights[t])

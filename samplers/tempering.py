@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.numpyro_model import NumpyroModel, from_numpyro
 from samplers.mcmc_kernels import AbstractMCMCKernel, get_kernel
@@ -103,18 +104,11 @@ class AdaptiveTempering(AbstractFeynmanKac):
                     f"target must provide `{attr}` (e.g. a ppl.numpyro_model.NumpyroModel from "
                     f"from_numpyro), got {type(target).__name__}"
                 )
-        if (
-            not isinstance(num_mcmc_steps, int)
-            or isinstance(num_mcmc_steps, bool)
-            or num_mcmc_steps < 1
-        ):
-            raise ValueError(f"num_mcmc_steps must be an int >= 1, got {num_mcmc_steps!r}")
-        if not isinstance(target_ess, (int, float)) or not 0.0 < float(target_ess) < 1.0:
-            raise ValueError(f"target_ess must be a fraction in (0, 1), got {target_ess!r}")
+        checks.positive_int("num_mcmc_steps", num_mcmc_steps)
+        checks.probability("target_ess", target_ess, strict=True)
         if criterion not in ("cess", "ess"):
             raise ValueError(f"criterion must be 'cess' or 'ess', got {criterion!r}")
-        if not isinstance(bisection_steps, int) or bisection_steps < 1:
-            raise ValueError(f"bisection_steps must be an int >= 1, got {bisection_steps!r}")
+        checks.positive_int("bisection_steps", bisection_steps)
         dim = int(target.dim)
         self.target = target
         self.kernel = get_kernel(kernel)
@@ -285,10 +279,8 @@ def tempered_smc(
         target = numpyro_model
     else:
         target = from_numpyro(numpyro_model, *model_args, **model_kwargs)
-    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 2:
-        raise ValueError(f"num_particles must be an int >= 2, got {num_particles!r}")
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
+    checks.positive_int("num_particles", num_particles, minimum=2)
+    checks.positive_int("max_steps", max_steps)
     fk = AdaptiveTempering(
         target,
         kernel=kernel,

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl import checks, tree
+
 Particles = PyTree
 
 __all__ = [
@@ -48,6 +50,8 @@ __all__ = [
     "rollout",
     "vote",
     "select_particle",
+    "sample_and_select",
+    "run_sample_and_select",
 ]
 
 
@@ -242,24 +246,13 @@ class SearchResult(NamedTuple):
 
 
 def select_particle(particles: Particles, index: Int[Array, ""]) -> PyTree:
-    """Row ``index`` of every leaf."""
-    return jax.tree.map(lambda x: jnp.take(x, index, axis=0), particles)
+    """Row ``index`` of every leaf (:func:`ppl.tree.row`)."""
+    return tree.row(particles, index)
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers shared by the methods (module attributes: tests replace some to break the methods)
 # ------------------------------------------------------------------------------------------------
-
-
-def gather(tree: Particles, idx: Int[Array, " M"]) -> Particles:
-    return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), tree)
-
-
-def where_rows(mask: Bool[Array, " N"], a: Particles, b: Particles) -> Particles:
-    def sel(x, y):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y)
-
-    return jax.tree.map(sel, a, b)
 
 
 def argmax_first(values: Float[Array, " N"]) -> Int[Array, ""]:
@@ -306,7 +299,7 @@ def rollout(
         t, p, k = state
         k, sub = jax.random.split(k)
         moved = model.move(sub, t, p)
-        return t + 1, where_rows(model.done(p), p, moved), k
+        return t + 1, tree.where_rows(model.done(p), p, moved), k
 
     steps, particles, _ = jax.lax.while_loop(cond, body, (jnp.asarray(1, jnp.int32), particles, k1))
     return particles, steps, ~jnp.all(model.done(particles))
@@ -317,12 +310,6 @@ def rollout(
 # ------------------------------------------------------------------------------------------------
 
 
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def resolve_max_steps(model: Any, max_steps: int | None) -> int:
     if max_steps is None:
         max_steps = getattr(model, "max_num_steps", None)
@@ -330,11 +317,11 @@ def resolve_max_steps(model: Any, max_steps: int | None) -> int:
             raise ValueError(
                 f"{type(model).__name__} has no max_num_steps: pass max_steps (the step cap)"
             )
-    return check_count("max_steps", max_steps)
+    return checks.positive_int("max_steps", max_steps)
 
 
-def _is_traced(tree: Any) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+def _is_traced(args: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
 
 
 def untimed_compute(tokens, reward_calls, num_steps) -> Compute:
@@ -365,3 +352,68 @@ def timed_call(jitted: Callable, core: Callable, key, model, **static) -> Search
         compile_time_s=jnp.asarray(t1 - t0, jnp.float32),
     )
     return result._replace(compute=compute)
+
+
+# ------------------------------------------------------------------------------------------------
+# the sampling methods (best-of-N, weighted best-of-N, self-consistency): sample N, then select
+# ------------------------------------------------------------------------------------------------
+
+
+def sample_and_select(
+    key: PRNGKeyArray,
+    model: SearchModel,
+    n: int,
+    max_steps: int,
+    select_fn: Callable,
+    *,
+    scored: bool = True,
+) -> SearchResult:
+    """N complete particles drawn independently (:func:`rollout`), then one chosen by a rule.
+
+    ``select_fn(scores, answers) -> index`` is the method's selection rule. With ``scored`` the
+    reward model scores every sample (NaN → −inf, counted; N reward calls); without it nothing is
+    scored and ``scores`` are NaN (``select_fn`` receives them). Compute: Σ_i num_tokens(x^i)
+    tokens. Untimed (see :func:`run_sample_and_select`).
+    """
+    particles, steps, at_cap = rollout(key, model, n, max_steps)
+    answers = model.answer(particles)
+    if scored:
+        scores, nans = sanitise_scores(model.score(particles))
+    else:
+        scores, nans = jnp.full((n,), jnp.nan, jnp.float32), jnp.asarray(0, jnp.int32)
+    selected = select_fn(scores, answers)
+    compute = untimed_compute(jnp.sum(model.num_tokens(particles)), n if scored else 0, steps)
+    return SearchResult(
+        particles=particles,
+        scores=scores,
+        answers=answers,
+        valid=jnp.ones((n,), bool),
+        selected=selected,
+        answer=answers[selected],
+        compute=compute,
+        reached_max_steps=at_cap,
+        num_nan_scores=nans,
+    )
+
+
+_sample_and_select_jit = eqx.filter_jit(sample_and_select)
+
+
+def run_sample_and_select(
+    key: PRNGKeyArray,
+    model: SearchModel,
+    num_particles: int,
+    max_steps: int | None,
+    select_fn: Callable,
+    *,
+    scored: bool = True,
+) -> SearchResult:
+    """:func:`sample_and_select` with its arguments checked, compiled and timed
+    (:func:`timed_call`). ``select_fn`` is static: pass a module-level function."""
+    check_search_model(model)
+    n = checks.positive_int("num_particles", num_particles)
+    max_steps = resolve_max_steps(model, max_steps)
+    return timed_call(
+        _sample_and_select_jit, sample_and_select, key, model, n=n, max_steps=max_steps,
+        select_fn=select_fn, scored=scored,
+    )

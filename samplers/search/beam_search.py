@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
+from ppl import checks, tree
 from samplers.search import base
 from samplers.search.base import SearchModel, SearchResult
 
@@ -66,14 +67,12 @@ def run_beams(key, model, groups, num_beams, expansions, *, max_steps=None) -> S
     """Beam search in ``groups`` independent groups of ``num_beams`` beams (validated, timed)."""
     expand_all = expansions is None
     base.check_search_model(model, expandable=expand_all)
-    g = base.check_count("groups", groups)
-    k = base.check_count("num_beams", num_beams)
+    g = checks.positive_int("groups", groups)
+    k = checks.positive_int("num_beams", num_beams)
     if expand_all:
-        m = model.num_children
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"model.num_children must be an int >= 1, got {m!r}")
+        m = checks.positive_int("model.num_children", model.num_children)
     else:
-        m = base.check_count("expansions", expansions)
+        m = checks.positive_int("expansions", expansions)
         if key is None:
             raise ValueError("sampled expansions need a PRNG key (key=None: expand_all only)")
     max_steps = base.resolve_max_steps(model, max_steps)
@@ -95,7 +94,7 @@ def _select(cand, cand_scores, eligible, groups, num_beams):
     rank = _rank_key(cand_scores, eligible).reshape(groups, per_group)
     idx = base.top_k(rank, num_beams)
     idx = (idx + per_group * jnp.arange(groups, dtype=jnp.int32)[:, None]).reshape(-1)
-    return base.gather(cand, idx), cand_scores[idx], eligible[idx]
+    return tree.gather(cand, idx), cand_scores[idx], eligible[idx]
 
 
 def _beams(key, model, *, groups, num_beams, width, expand_all, max_steps):
@@ -134,7 +133,7 @@ def _beams(key, model, *, groups, num_beams, width, expand_all, max_steps):
         if not expand_all:
             key, sub = jax.random.split(key)
         parent = jnp.repeat(jnp.arange(p, dtype=jnp.int32), width)
-        parents = base.gather(beams, parent)
+        parents = tree.gather(beams, parent)
         if expand_all:
             children, log_probs = model.expand_all(beams)
             possible = log_probs.reshape(-1) > -jnp.inf
@@ -142,7 +141,7 @@ def _beams(key, model, *, groups, num_beams, width, expand_all, max_steps):
             children = model.move(sub, t, parents)
             possible = jnp.ones((c,), bool)
         p_done = model.done(beams)[parent]
-        children = base.where_rows(p_done, parents, children)
+        children = tree.where_rows(p_done, parents, children)
         eligible = valid[parent] & jnp.where(p_done, copy0, possible)
         fresh = eligible & ~p_done
         raw = model.score(children)

@@ -13,8 +13,6 @@ Reference: Cobbe et al. (2021), "Training verifiers to solve math word problems"
 
 from __future__ import annotations
 
-import equinox as eqx
-import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from samplers.search import base
@@ -37,29 +35,9 @@ def best_of_n(
     Returns:
         :class:`~samplers.search.base.SearchResult` (``particles`` = the N samples).
     """
-    base.check_search_model(model)
-    n = base.check_count("num_particles", num_particles)
-    max_steps = base.resolve_max_steps(model, max_steps)
-    return base.timed_call(_best_of_n_jit, _best_of_n, key, model, n=n, max_steps=max_steps)
+    return base.run_sample_and_select(key, model, num_particles, max_steps, _best_scored)
 
 
-def _best_of_n(key, model, *, n, max_steps):
-    particles, steps, at_cap = base.rollout(key, model, n, max_steps)
-    scores, nans = base.sanitise_scores(model.score(particles))
-    answers = model.answer(particles)
-    best = base.argmax_first(scores)
-    compute = base.untimed_compute(jnp.sum(model.num_tokens(particles)), n, steps)
-    return SearchResult(
-        particles=particles,
-        scores=scores,
-        answers=answers,
-        valid=jnp.ones((n,), bool),
-        selected=best,
-        answer=answers[best],
-        compute=compute,
-        reached_max_steps=at_cap,
-        num_nan_scores=nans,
-    )
-
-
-_best_of_n_jit = eqx.filter_jit(_best_of_n)
+def _best_scored(scores, answers):
+    """The best-scored sample (ties: the lowest index)."""
+    return base.argmax_first(scores)

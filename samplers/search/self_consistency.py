@@ -12,7 +12,6 @@ models".
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
@@ -30,30 +29,12 @@ def self_consistency(
     ``selected`` is the first particle carrying the winning answer; ``scores`` are NaN (never
     computed; ``model.score`` is not called).
     """
-    base.check_search_model(model)
-    n = base.check_count("num_particles", num_particles)
-    max_steps = base.resolve_max_steps(model, max_steps)
-    return base.timed_call(
-        _self_consistency_jit, _self_consistency, key, model, n=n, max_steps=max_steps
+    return base.run_sample_and_select(
+        key, model, num_particles, max_steps, _majority_vote, scored=False
     )
 
 
-def _self_consistency(key, model, *, n, max_steps):
-    particles, steps, at_cap = base.rollout(key, model, n, max_steps)
-    answers = model.answer(particles)
-    winner, _ = base.vote(answers, jnp.ones((n,), jnp.float32))
-    compute = base.untimed_compute(jnp.sum(model.num_tokens(particles)), 0, steps)
-    return SearchResult(
-        particles=particles,
-        scores=jnp.full((n,), jnp.nan, jnp.float32),
-        answers=answers,
-        valid=jnp.ones((n,), bool),
-        selected=winner,
-        answer=answers[winner],
-        compute=compute,
-        reached_max_steps=at_cap,
-        num_nan_scores=jnp.asarray(0, jnp.int32),
-    )
-
-
-_self_consistency_jit = eqx.filter_jit(_self_consistency)
+def _majority_vote(scores, answers):
+    """The first sample carrying the most frequent answer (``scores`` unused)."""
+    winner, _ = base.vote(answers, jnp.ones(answers.shape, jnp.float32))
+    return winner

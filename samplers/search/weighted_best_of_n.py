@@ -14,7 +14,6 @@ Beeching, Tunstall & Rush (2024); Puri et al. (2025) (the weighted BoN baseline)
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
@@ -29,38 +28,15 @@ def weighted_best_of_n(
 ) -> SearchResult:
     """Reward-weighted vote (weights ``exp(score)``; return ``log r`` from ``score`` to vote with a
     reward r ≥ 0, e.g. a verifier probability)."""
-    base.check_search_model(model)
-    n = base.check_count("num_particles", num_particles)
-    max_steps = base.resolve_max_steps(model, max_steps)
-    return base.timed_call(
-        _weighted_best_of_n_jit, _weighted_best_of_n, key, model, n=n, max_steps=max_steps
-    )
+    return base.run_sample_and_select(key, model, num_particles, max_steps, _weighted_vote)
 
 
-def _weighted_best_of_n(key, model, *, n, max_steps):
-    particles, steps, at_cap = base.rollout(key, model, n, max_steps)
-    scores, nans = base.sanitise_scores(model.score(particles))
-    answers = model.answer(particles)
+def _weighted_vote(scores, answers):
+    """The best-scored sample carrying the answer of the reward-weighted vote."""
     top = jnp.max(scores)
     shift = jnp.where(jnp.isfinite(top), top, 0.0)
     weights = jnp.where(scores > -jnp.inf, jnp.exp(scores - shift), 0.0)
     weights = jnp.where(top == jnp.inf, (scores == jnp.inf).astype(weights.dtype), weights)
     winner, _ = base.vote(answers, weights)
-    answer = answers[winner]
-    best = base.argmax_first(jnp.where(answers == answer, scores, -jnp.inf))
-    best = jnp.where(jnp.isfinite(scores[best]), best, winner)
-    compute = base.untimed_compute(jnp.sum(model.num_tokens(particles)), n, steps)
-    return SearchResult(
-        particles=particles,
-        scores=scores,
-        answers=answers,
-        valid=jnp.ones((n,), bool),
-        selected=best,
-        answer=answer,
-        compute=compute,
-        reached_max_steps=at_cap,
-        num_nan_scores=nans,
-    )
-
-
-_weighted_best_of_n_jit = eqx.filter_jit(_weighted_best_of_n)
+    best = base.argmax_first(jnp.where(answers == answers[winner], scores, -jnp.inf))
+    return jnp.where(jnp.isfinite(scores[best]), best, winner)
