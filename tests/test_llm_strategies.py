@@ -103,13 +103,13 @@ def test_names_map_to_classes_and_bad_names_are_rejected():
         assert isinstance(st.link(name), cls)
     obj = st.MinAggregation()
     assert st.aggregation(obj) is obj
-    with pytest.raises(ValueError, match="weighting must be one of"):
+    with pytest.raises(ValueError, match="unknown weighting"):
         st.weighting("bogus")
-    with pytest.raises(ValueError, match="aggregation must be one of"):
+    with pytest.raises(ValueError, match="unknown aggregation"):
         st.aggregation("sum")
-    with pytest.raises(ValueError, match="puri_link must be one of"):
+    with pytest.raises(ValueError, match="unknown puri_link"):
         st.weighting("puri", link="probit")
-    with pytest.raises(ValueError, match="puri_link must be one of"):
+    with pytest.raises(ValueError, match="unknown puri_link"):
         st.link(3)
     with pytest.raises(ValueError, match="reweight_finished"):
         st.weighting("twisted", reweight_finished=True)

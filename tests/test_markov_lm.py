@@ -384,3 +384,49 @@ def test_bad_input_errors(model):
                            constraint=token_constraint(4), max_step_tokens=3)
     with pytest.raises(ValueError, match="max_sequences"):
         exact_posterior(model, max_sequences=100)
+
+
+# ------------------------------------------------------------------------------------------------
+# one LLM Feynman-Kac model for both LMs
+# ------------------------------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def _llm_run_many_jit(llm_model, keys, *, prompt_length):
+    def one(k):
+        res = smc(k, llm_model, N_PARTICLES, resampling="systematic", ess_threshold=1.0,
+                  max_steps=llm_model.max_num_steps)
+        s = res.particles.lm
+        states = LMState(s.tokens, s.lengths, res.particles.num_steps, res.particles.done)
+        return dict(log_z=res.log_evidence, log_w=res.log_weights, last=llm_model.answer(res.particles),
+                    count=token_count(states, A, prompt_length), done=res.particles.done,
+                    extinct=res.extinct, num_nan=res.num_nan_potentials,
+                    tokens=jnp.sum(res.step_info["tokens"]))
+
+    return jax.vmap(one)(keys)
+
+
+def test_llm_feynman_kac_reproduces_the_markov_model(model, exact, smc_runs):
+    """The toy model as an LLMFeynmanKac (MarkovStepLM + per-step TokenPairReward, product
+    aggregation, twisted weights at β = 1: models.llm_fk.markov.from_markov_model) draws the same
+    tokens with the same keys and gives the same log Ẑ (float32 rounding) as MarkovLMFeynmanKac,
+    and passes the same exact checks (forward recursion: E[Ẑ/Z] = 1, answer laws)."""
+    from models.llm_fk.markov import from_markov_model
+
+    llm = from_markov_model(model)
+    assert llm.move_keeps_done and not llm.is_adaptive
+    runs = jax.tree.map(np.asarray, _llm_run_many_jit(llm, jax.random.split(jax.random.key(1), R_RUNS),
+                                                      prompt_length=llm.prompt_length))
+    np.testing.assert_allclose(runs["log_z"], smc_runs["log_z"], atol=1e-4)
+    np.testing.assert_array_equal(runs["last"], smc_runs["last"])
+    np.testing.assert_array_equal(runs["count"], smc_runs["count"])
+    assert np.all(runs["done"]) and not runs["extinct"].any() and runs["num_nan"].sum() == 0
+    assert np.all(runs["tokens"] >= N_PARTICLES)
+    ok, mean, se = evidence_check(runs["log_z"], exact.log_evidence)
+    assert ok, f"mean Zhat/Z = {mean:.4f} ± {se:.4f}"
+    last_exact, count_exact = _exact_answers(model, exact)
+    for key, probs in (("last", last_exact), ("count", count_exact)):
+        ok, tv, bound, est = posterior_check(runs["log_z"], runs["log_w"], runs[key], probs)
+        assert ok, f"{key}: TV {tv:.4f}, bound {bound:.4f}; est {est}, exact {probs}"
+    with pytest.raises(TypeError, match="MarkovLMFeynmanKac"):
+        from_markov_model(llm)

@@ -62,6 +62,7 @@ from models.llm_fk.rewards import (
     TokenVerifier,
 )
 from models.llm_fk.step_lm import AbstractStepLM, MarkovStepLM, StepLM
+from ppl import checks
 
 __all__ = [
     "METHODS",
@@ -149,12 +150,10 @@ def run_method(
         :class:`MethodResult`.
     """
     m = get_method(method)
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
-    if not isinstance(lm, AbstractStepLM):
-        raise TypeError(f"lm must be a StepLM or MarkovStepLM, got {type(lm).__name__}")
-    if answer_fn is not None and not callable(answer_fn):
-        raise TypeError("answer_fn must be callable: answer_fn(completion_ids) -> Hashable")
+    checks.positive_int("budget", budget)
+    checks.instance("lm", lm, AbstractStepLM)
+    if answer_fn is not None:
+        checks.function("answer_fn", answer_fn, "answer_fn(completion_ids) -> Hashable")
     if selection not in ("vote", "argmax", "sample"):
         raise ValueError(f"selection must be vote, argmax or sample, got {selection!r}")
     options = dict(pg_iterations=pg_iterations, num_chains=num_chains, chain_betas=chain_betas,

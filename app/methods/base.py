@@ -11,6 +11,7 @@ import numpy as np
 from jaxtyping import PRNGKeyArray
 
 from models.llm_fk import strategies
+from ppl import checks
 from models.llm_fk.rewards import RewardModel
 from models.llm_fk.ssm import LLMFeynmanKac
 from models.llm_fk.step_lm import AbstractStepLM, StepLM
@@ -197,7 +198,4 @@ def normalised(log_w) -> np.ndarray:
 
 
 def positive_int_option(options: dict, name: str) -> int:
-    v = options[name]
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return v
+    return checks.positive_int(name, options[name])

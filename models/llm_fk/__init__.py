@@ -22,6 +22,7 @@ from models.llm_fk.rewards import (
     HostCallbacks,
     host_rows,
 )
+from models.llm_fk.markov import from_markov_model
 from models.llm_fk.ssm import (
     AGGREGATIONS,
     PURI_LINKS,
@@ -64,4 +65,6 @@ __all__ = [
     "LogLink",
     # ssm
     "LLMParticle", "LLMFeynmanKac", "WEIGHTINGS", "AGGREGATIONS", "PURI_LINKS",
+    # the Markov-chain LM's model as an LLMFeynmanKac
+    "from_markov_model",
 ]

@@ -41,6 +41,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from models.llm_fk.step_lm import AbstractStepLM
+from ppl import checks
 
 __all__ = [
     "RewardModel",
@@ -212,8 +213,7 @@ class HostCallbacks:
 
     def register(self, fn: Callable) -> int:
         """The id of ``fn`` (registered on first use; the same callable keeps its id)."""
-        if not callable(fn):
-            raise TypeError(f"expected a callable, got {type(fn).__name__}")
+        checks.function("fn", fn, "a host function called from compiled code")
         try:
             i = self._ids.get(fn)
         except TypeError:  # unhashable callable
@@ -280,8 +280,7 @@ class _HostVerifier(RewardModel):
     def __init__(self, fn: Callable, *, callbacks: HostCallbacks | None = None, log_scale: bool = False):
         if callbacks is None:
             callbacks = HostCallbacks()
-        if not isinstance(callbacks, HostCallbacks):
-            raise TypeError(f"callbacks must be a HostCallbacks, got {type(callbacks).__name__}")
+        checks.instance("callbacks", callbacks, HostCallbacks)
         self.callbacks = callbacks
         self.fn_id = jnp.asarray(callbacks.register(fn), jnp.int32)
         self.log_scale = bool(log_scale)

@@ -62,6 +62,7 @@ from models.llm_fk.strategies import (
     AbstractWeighting,
     LastAggregation,
 )
+from ppl import checks
 from ppl.feynman_kac import AbstractFeynmanKac
 
 __all__ = [
@@ -223,13 +224,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             raise TypeError(f"lm must be an AbstractStepLM (StepLM, MarkovStepLM), got {type(lm).__name__}")
         if not isinstance(reward, RewardModel):
             raise TypeError(f"reward must be a RewardModel, got {type(reward).__name__}")
-        for name, v in (("max_steps", max_steps), ("max_step_tokens", max_step_tokens)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        checks.positive_int("max_steps", max_steps)
+        checks.positive_int("max_step_tokens", max_step_tokens)
         if max_new_tokens is None:
             max_new_tokens = max_steps * max_step_tokens
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        checks.positive_int("max_new_tokens", max_new_tokens)
         weighting = strategies.weighting(weighting, link=puri_link, reweight_finished=reweight_finished)
         aggregation = strategies.aggregation(aggregation)
         if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
@@ -255,12 +254,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             callbacks = getattr(reward, "callbacks", None)
         if callbacks is None:
             callbacks = HostCallbacks()
-        if not isinstance(callbacks, HostCallbacks):
-            raise TypeError(f"callbacks must be a HostCallbacks, got {type(callbacks).__name__}")
+        checks.instance("callbacks", callbacks, HostCallbacks)
         answer_fn_id = None
         if answer_ids_fn is None:
-            if answer_fn is not None and not callable(answer_fn):
-                raise TypeError("answer_fn must be callable: answer_fn(completion_ids) -> Hashable")
+            if answer_fn is not None:
+                checks.function("answer_fn", answer_fn, "answer_fn(completion_ids) -> Hashable")
             answer_fn_id = jnp.asarray(callbacks.register(_tuple_answer if answer_fn is None else answer_fn),
                                        jnp.int32)
         return cls(

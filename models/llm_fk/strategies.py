@@ -12,7 +12,7 @@ Three small families of final ``eqx.Module`` classes (no strings or integer code
 
 All work in log space: ``log_r`` is log R_t (or log r̂_t) ∈ [−∞, 0]. Strings name them for
 convenience (``weighting("puri", link="log")``, ``aggregation("min")``, ``link("logit")``); an unknown
-name is a ``ValueError`` listing the known ones.
+name is a ``ValueError`` listing the known ones (``ppl.checks.strategy``).
 
 A model that holds strategies of a different class is a different compiled program; models that
 differ only in array leaves (the inverse temperature β, ``correct_proposal``) share one, which
@@ -25,11 +25,14 @@ Zhao et al. (2024), "Probabilistic inference in language models via twisted SMC"
 from __future__ import annotations
 
 import abc
+from types import MappingProxyType
 from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+
+from ppl import checks
 
 __all__ = [
     "AbstractAggregation",
@@ -226,19 +229,17 @@ class PuriWeighting(AbstractWeighting):
 # names (a convenience of LLMFeynmanKac.build and the method runner)
 # ------------------------------------------------------------------------------------------------
 
-_AGGREGATIONS = {c.name: c for c in (LastAggregation, MinAggregation, ProductAggregation, ModelAggregation)}
-_LINKS = {c.name: c for c in (LogitLink, IdentityLink, LogLink)}
+_AGGREGATIONS = MappingProxyType(
+    {c.name: c for c in (LastAggregation, MinAggregation, ProductAggregation, ModelAggregation)})
+_LINKS = MappingProxyType({c.name: c for c in (LogitLink, IdentityLink, LogLink)})
+_WEIGHTINGS = MappingProxyType({"twisted": TwistedWeighting, "puri": PuriWeighting})
 AGGREGATION_NAMES = tuple(_AGGREGATIONS)
 LINK_NAMES = tuple(_LINKS)
 WEIGHTING_NAMES = ("twisted", "puri")
 
 
-def _lookup(kind: str, table: dict, spec, base):
-    if isinstance(spec, base):
-        return spec
-    if isinstance(spec, str) and spec in table:
-        return table[spec]()
-    raise ValueError(f"{kind} must be one of {tuple(table)} or an {base.__name__}, got {spec!r}")
+def _lookup(kind: str, table, spec, base):
+    return checks.strategy(kind, spec, base, dict(table))
 
 
 def aggregation(spec: str | AbstractAggregation) -> AbstractAggregation:
@@ -268,4 +269,4 @@ def weighting(spec: str | AbstractWeighting, *, link: str | AbstractLink | None 
     if spec == "puri":
         lk = _lookup("puri_link", _LINKS, "logit" if link is None else link, AbstractLink)
         return PuriWeighting(link=lk, reweight_finished=bool(reweight_finished))
-    raise ValueError(f"weighting must be one of {WEIGHTING_NAMES} or an AbstractWeighting, got {spec!r}")
+    return _lookup("weighting", _WEIGHTINGS, spec, AbstractWeighting)  # raises: an unknown name
