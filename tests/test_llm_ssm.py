@@ -663,6 +663,11 @@ def test_host_callbacks_are_per_object_and_no_module_registry_grows(base_model):
     c = rewards.HostCallbacks()
     with pytest.raises(KeyError, match="no host function"):
         c.fn(0)
+    # another task's function in the same object: same pytree structure (no recompilation),
+    # another id; the same function in another object: another structure
+    r1, r2 = (ProgrammaticStepVerifier(fn, callbacks=a) for fn in (_text_reward, lambda t, f: 1.0))
+    assert jax.tree.structure(r1) == jax.tree.structure(r2) and int(r1.fn_id) != int(r2.fn_id)
+    assert jax.tree.structure(ProgrammaticStepVerifier(_text_reward, callbacks=b)) != jax.tree.structure(r1)
     assert _module_containers() == before
 
 
