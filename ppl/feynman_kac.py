@@ -18,7 +18,8 @@ Reference: Chopin & Papaspiliopoulos (2020), *An Introduction to Sequential Mont
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax

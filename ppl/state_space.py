@@ -14,7 +14,8 @@ log Ẑ can be differentiated with respect to θ and PMMH can swap them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax

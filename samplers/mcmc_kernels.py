@@ -16,7 +16,8 @@ Each reports its mean acceptance probability, from which the sampler tunes ε to
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import blackjax
 import equinox as eqx

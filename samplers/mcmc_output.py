@@ -6,7 +6,8 @@ them (numpy copies) and names the dimensions.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np

@@ -12,7 +12,8 @@ Used by PMMH (:mod:`samplers.pmmh`) and by the θ-steps of particle Gibbs
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import equinox as eqx
 import jax

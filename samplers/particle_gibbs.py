@@ -22,7 +22,8 @@ Feynman-Kac models, including variable-horizon ones (an LLM's reasoning steps).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax

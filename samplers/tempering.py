@@ -22,7 +22,8 @@ particles makes Ẑ slightly biased, with a bias of order 1/N (Beskos, Jasra, Ka
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
 
 import equinox as eqx
 import jax

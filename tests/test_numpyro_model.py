@@ -118,7 +118,7 @@ def test_factor_sites_and_likelihood_sites():
         from_numpyro(factor_model, y, likelihood_sites=("mu",))
 
 
-def test_bad_models():
+def test_bad_models(no_shape_checks):
     def no_obs():
         numpyro.sample("a", dist.Normal())
 

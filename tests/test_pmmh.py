@@ -208,7 +208,7 @@ def test_numpy_kalman_matches_project_kalman():
     np.testing.assert_allclose(ll[0], float(_kalman_loglik(0.7, 1.3)), rtol=1e-4)
 
 
-def test_bad_input_errors():
+def test_bad_input_errors(no_shape_checks):
     ssm = _ssm()
     kw = dict(num_particles=4, num_samples=2, num_warmup=0)
     with pytest.raises(TypeError, match="numpyro Distribution"):

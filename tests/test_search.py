@@ -584,7 +584,7 @@ def test_dvts_with_one_subtree_is_beam_search(oracle_runs):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_bad_input_gets_clear_errors(toy, token_model):
+def test_bad_input_gets_clear_errors(toy, token_model, no_shape_checks):
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="num_particles"):
         best_of_n(key, toy, 0)

@@ -15,6 +15,9 @@ from models.linear_gaussian import LGSSMParams, lgssm
 from ppl.feynman_kac import VmappedFeynmanKac, from_single_particle
 from samplers.smc import smc
 
+# ill-typed input on purpose: the library's own errors, as users see them (no runtime type checker)
+pytestmark = pytest.mark.usefixtures("no_shape_checks")
+
 T = 6
 N = 16
 KEY = jax.random.key(0)

@@ -30,7 +30,8 @@ inference approach to inference-time scaling of LLMs using particle-based Monte 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax

@@ -38,7 +38,7 @@ __all__ = ["beam_search"]
 
 
 def beam_search(
-    key: PRNGKeyArray,
+    key: PRNGKeyArray | None,
     model: SearchModel,
     num_beams: int,
     expansions: int | None,

@@ -23,7 +23,7 @@ __all__ = ["dvts"]
 
 
 def dvts(
-    key: PRNGKeyArray,
+    key: PRNGKeyArray | None,
     model: SearchModel,
     num_subtrees: int,
     expansions: int | None,
