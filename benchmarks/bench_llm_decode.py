@@ -136,8 +136,7 @@ def torch_reference_from(model, config, torch_dtype="float32", device="cpu"):
     sd = {"model.embed_tokens.weight": t(model.embed), "model.norm.weight": t(model.norm)}
     if model.lm_head is not None:
         sd["lm_head.weight"] = t(model.lm_head)
-    for i in range(c.num_layers):
-        layer = model.layer(i)
+    for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         w = t(layer.attn.qkv_weight)
         sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"] = (
@@ -218,19 +217,17 @@ def bench_llama_cpp(path, prompt_ids, new_tokens):
 def run_cpu(args):
     import torch
 
-    from models.llm import load_smollm2, smollm2_path, unstack_layers, with_matmul_dtype
+    from models.llm import load_smollm2, smollm2_path, with_matmul_dtype
 
     torch.set_num_threads(os.cpu_count())
     t = time.perf_counter()
     model, tok, config = load_smollm2(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     if args.dtype == "mixed":
         model = with_matmul_dtype(model, jnp.bfloat16)
-    if args.layers == "unstacked":
-        model = unstack_layers(model)
     print(f"loaded SmolLM2 from GGUF in {time.perf_counter() - t:.1f} s; devices: {jax.devices()}; "
           f"cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}; JAX side {args.dtype} "
           f"(matmuls {jnp.dtype(model.matmul_dtype).name}, activations {jnp.dtype(model.dtype).name}); "
-          f"transformers {' and '.join(args.torch_dtype)}; layers {args.layers}", flush=True)
+          f"transformers {' and '.join(args.torch_dtype)}", flush=True)
     prompt_ids = tok.encode_chat(PROMPT)
     refs = {dt: torch_reference_from(model, config, torch_dtype=dt) for dt in args.torch_dtype}
     rows = []
@@ -238,7 +235,7 @@ def run_cpu(args):
         j = bench_jax(model, prompt_ids, b, args.new_tokens, args.repeats, gather=(b == args.gather_batch))
         for dt, ref in refs.items():
             r = bench_torch(ref, prompt_ids, b, args.new_tokens, args.torch_repeats)
-            row = dict(batch=b, dtype=args.dtype, torch_dtype=dt, layers=args.layers, jax=j, transformers=r,
+            row = dict(batch=b, dtype=args.dtype, torch_dtype=dt, jax=j, transformers=r,
                        speedup=j["decode_tok_s"] / r["decode_tok_s"])
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -346,9 +343,6 @@ def main(argv=None):
                         "or bfloat16 when --dtype bfloat16)")
     p.add_argument("--tiny", action="store_true",
                    help="GPU mode with a toy Qwen2-shaped model (smoke test of the script on any backend)")
-    p.add_argument("--layers", choices=["stacked", "unstacked"], default="stacked",
-                   help="CPU mode: the default stacked weights (layers under lax.scan) or per-layer weights "
-                        "(models.llm.unstack_layers: an unrolled loop, no per-layer weight copy on XLA:CPU)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if args.torch_dtype is None:

@@ -115,7 +115,7 @@ def test_tiny_checkpoint_logits_and_greedy_match(arch):
 def test_bfloat16_close_to_float32():
     model, _, _ = load_hf(tiny_checkpoint("llama"))
     model16, _, _ = load_hf(tiny_checkpoint("llama"), dtype=jnp.bfloat16)
-    assert model16.layers.attn.qkv_weight.dtype == jnp.bfloat16
+    assert model16.layers[0].attn.qkv_weight.dtype == jnp.bfloat16
     seq = jnp.asarray(np.stack([np.arange(3, 40), np.arange(40, 3, -1)]))  # batch > 1: see forward
     a = np.asarray(forward_logits(model, seq))
     b = np.asarray(forward_logits(model16, seq))
@@ -128,14 +128,14 @@ def test_bfloat16_matmuls_with_float32_activations():
     model, _, _ = load_hf(tiny_checkpoint("llama"))
     mixed = with_matmul_dtype(model, jnp.bfloat16)
     assert mixed.dtype == jnp.float32 and mixed.matmul_dtype == jnp.bfloat16
-    assert mixed.layers.mlp.down_weight.dtype == jnp.bfloat16 and mixed.norm.dtype == jnp.float32
+    assert mixed.layers[0].mlp.down_weight.dtype == jnp.bfloat16 and mixed.norm.dtype == jnp.float32
     seq = jnp.asarray(np.stack([np.arange(3, 40), np.arange(40, 3, -1)]))
     a = np.asarray(forward_logits(model, seq))
     b = np.asarray(forward_logits(mixed, seq))
     assert b.dtype == np.float32
     assert 1e-4 < rel_err(b, a) < 5e-2  # rounded like bf16, not float32 in disguise
     state = start(mixed, [[5, 6, 7], [8, 9]], 4)
-    assert state.cache.k.dtype == jnp.float32
+    assert state.cache.k[0].dtype == jnp.float32
     assert _greedy(mixed, [[5, 6, 7], [8, 9]], 4).shape == (2, 4)
 
 

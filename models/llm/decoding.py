@@ -83,7 +83,7 @@ def empty_state(model: LlamaModel, batch_size: int, max_len: int) -> DecodeState
     )
 
 
-def _extend(model, state: DecodeState, tokens, n, return_logprobs: bool, attend=None):
+def _extend(model, state: DecodeState, tokens, n, return_logprobs: bool):
     B, S = tokens.shape
     T = state.max_len
     n = jnp.minimum(n.astype(jnp.int32), T - state.lengths)  # rows that would overflow are truncated
@@ -93,7 +93,7 @@ def _extend(model, state: DecodeState, tokens, n, return_logprobs: bool, attend=
     rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
     cols = jnp.where(valid, start[:, None] + jnp.arange(S)[None, :], T)  # T: dropped
     buf = state.tokens.at[rows, cols].set(tokens, mode="drop")
-    hidden, cache = forward(model, tokens, start, state.cache, attend=attend)
+    hidden, cache = forward(model, tokens, start, state.cache)
     last = jnp.maximum(n - 1, 0)
     new_logits = model.logits(hidden[jnp.arange(B), last])
     logits = jnp.where((n > 0)[:, None], new_logits, state.logits)
@@ -111,7 +111,7 @@ def _extend(model, state: DecodeState, tokens, n, return_logprobs: bool, attend=
 def _prefill(model, tokens, lengths, max_len):
     B = tokens.shape[0]
     state = empty_state(model, B, max_len)
-    state = _extend(model, state, tokens, lengths, False, attend=0)  # the cache is empty: not read
+    state = _extend(model, state, tokens, lengths, False)
     return state._replace(prompt_lengths=state.lengths)
 
 

@@ -2,15 +2,9 @@
 
 Weights keep the Hugging Face layout (``[out_features, in_features]``); the Q/K/V projections are
 fused into one matrix and the gate/up projections into another, so a layer is four matmuls.
-The layers' weights are stacked along a leading layer axis (one :class:`DecoderLayer` whose every
-leaf is ``[L, ...]``) and the decoder runs them under ``jax.lax.scan``: the layer is traced and
-compiled once, not ``L`` times.
-
-The KV cache is two arrays ``[B, L, kv_heads, max_len, head_dim]`` with the batch (particle)
-axis first, so resampling is ``jax.tree.map(lambda x: x[ancestors], cache)``. The scan carries
-the whole cache; layer ``l`` writes its new keys and values with a per-row scatter at index ``l``
-and reads its slice with ``dynamic_slice`` (in place under ``jit`` with donated or loop-carried
-buffers).
+The KV cache is a pytree whose every leaf has the batch (particle) axis first, so resampling is
+``jax.tree.map(lambda x: x[ancestors], cache)``; a chunk of new tokens is written into it with a
+per-row scatter (in place under ``jit`` with donated or loop-carried buffers).
 """
 
 from __future__ import annotations
@@ -62,36 +56,29 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 
 class KVCache(eqx.Module):
-    """Preallocated keys and values of every layer: two ``[B, L, kv_heads, max_len, head_dim]``
-    arrays (batch first, then layer)."""
+    """Preallocated keys and values, one ``[B, kv_heads, max_len, head_dim]`` array per layer."""
 
-    k: Float[Array, "B L Hkv T D"]
-    v: Float[Array, "B L Hkv T D"]
+    k: tuple[Float[Array, "B Hkv T D"], ...]
+    v: tuple[Float[Array, "B Hkv T D"], ...]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def num_layers(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def layer(self, i: int) -> tuple[Array, Array]:
-        """Keys and values of layer ``i``: two ``[B, kv_heads, max_len, head_dim]`` arrays."""
-        return self.k[:, i], self.v[:, i]
+        return self.k[0].shape[2]
 
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in (self.k, self.v))
+        return sum(x.size * x.dtype.itemsize for x in (*self.k, *self.v))
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zero KV cache for ``batch_size`` rows of ``max_len`` tokens (all layers)."""
-    shape = (batch_size, config.num_layers, config.num_kv_heads, max_len, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    """Zero KV cache for ``batch_size`` rows of ``max_len`` tokens."""
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    zeros = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    return KVCache(k=tuple(zeros() for _ in range(config.num_layers)),
+                   v=tuple(zeros() for _ in range(config.num_layers)))
 
 
 def cache_nbytes(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> int:
@@ -111,8 +98,6 @@ class MLP(eqx.Module):
 
 
 class DecoderLayer(eqx.Module):
-    """One decoder layer; in :class:`LlamaModel` every leaf has a leading layer axis ``L``."""
-
     input_norm: Float[Array, " H"]
     attn: Attention
     post_norm: Float[Array, " H"]
@@ -120,15 +105,11 @@ class DecoderLayer(eqx.Module):
 
 
 class LlamaModel(eqx.Module):
-    """A Llama / Qwen2 decoder. ``lm_head`` is ``None`` when the embeddings are tied.
-
-    ``layers`` is one :class:`DecoderLayer` holding all layers' weights stacked along a leading
-    axis (``layers.attn.qkv_weight`` is ``[L, Dqkv, H]``); :meth:`layer` slices one out.
-    """
+    """A Llama / Qwen2 decoder. ``lm_head`` is ``None`` when the embeddings are tied."""
 
     config: ModelConfig = eqx.field(static=True)
     embed: Float[Array, "V H"]
-    layers: DecoderLayer  # stacked; a tuple of per-layer DecoderLayer after unstack_layers
+    layers: tuple[DecoderLayer, ...]
     norm: Float[Array, " H"]
     lm_head: Float[Array, "V H"] | None
     inv_freq: Float[Array, " D2"]
@@ -142,16 +123,6 @@ class LlamaModel(eqx.Module):
     def matmul_dtype(self):
         """Dtype of the projection and embedding matrices (the matmul operands)."""
         return self.embed.dtype
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    def layer(self, i: int) -> DecoderLayer:
-        """The weights of layer ``i`` (a slice of the stacked :attr:`layers`)."""
-        if not isinstance(self.layers, DecoderLayer):
-            return self.layers[i]
-        return jax.tree.map(lambda x: x[i], self.layers)
 
     def head_weight(self) -> Array:
         return self.embed if self.lm_head is None else self.lm_head
@@ -184,42 +155,34 @@ def model_from_hf_state(config: ModelConfig, tensors: dict[str, np.ndarray], dty
         return np.asarray(check(get(name), shape, name), np.float32)
 
     c = config
-    H, D, F, L = c.hidden_size, c.head_dim, c.intermediate_size, c.num_layers
+    H, D, F = c.hidden_size, c.head_dim, c.intermediate_size
     nq, nkv = c.num_heads * D, c.num_kv_heads * D
-
-    def stacked(parts) -> Array:
-        """Layer ``i``'s weight is ``parts(i)`` (a list of arrays concatenated along axis 0); all
-        layers are staged in one preallocated float32 buffer, then converted once."""
-        first = parts(0)
-        buf = np.empty((L, sum(x.shape[0] for x in first), *first[0].shape[1:]), np.float32)
-        for i in range(L):
-            buf[i] = np.concatenate(parts(i), 0) if i else np.concatenate(first, 0)
-        return jnp.asarray(buf, dtype)
-
-    def pre(i: int) -> str:
-        return f"model.layers.{i}."
-
-    def attn(i: int, proj: str, kind: str, rows: int, cols: int | None = None) -> np.ndarray:
-        name = f"{pre(i)}self_attn.{proj}.{kind}"
-        return f32(name, (rows,) if cols is None else (rows, cols))
-
-    layers = DecoderLayer(
-        input_norm=stacked(lambda i: [f32(pre(i) + "input_layernorm.weight", (H,))]),
-        attn=Attention(
-            qkv_weight=stacked(lambda i: [attn(i, "q_proj", "weight", nq, H), attn(i, "k_proj", "weight", nkv, H),
-                                          attn(i, "v_proj", "weight", nkv, H)]),
-            qkv_bias=stacked(lambda i: [attn(i, "q_proj", "bias", nq), attn(i, "k_proj", "bias", nkv),
-                                        attn(i, "v_proj", "bias", nkv)]) if c.qkv_bias else None,
-            o_weight=stacked(lambda i: [attn(i, "o_proj", "weight", H, nq)]),
-            o_bias=stacked(lambda i: [attn(i, "o_proj", "bias", H)]) if c.o_bias else None,
-        ),
-        post_norm=stacked(lambda i: [f32(pre(i) + "post_attention_layernorm.weight", (H,))]),
-        mlp=MLP(
-            gate_up_weight=stacked(lambda i: [f32(pre(i) + "mlp.gate_proj.weight", (F, H)),
-                                              f32(pre(i) + "mlp.up_proj.weight", (F, H))]),
-            down_weight=stacked(lambda i: [f32(pre(i) + "mlp.down_proj.weight", (H, F))]),
-        ),
-    )
+    layers = []
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        qkv_w = np.concatenate([f32(a + "q_proj.weight", (nq, H)), f32(a + "k_proj.weight", (nkv, H)),
+                                f32(a + "v_proj.weight", (nkv, H))], 0)
+        qkv_b = None
+        if c.qkv_bias:
+            qkv_b = jnp.asarray(np.concatenate([f32(a + "q_proj.bias", (nq,)), f32(a + "k_proj.bias", (nkv,)),
+                                                f32(a + "v_proj.bias", (nkv,))]), dtype)
+        o_b = arr(get(a + "o_proj.bias"), (H,), a + "o_proj.bias") if c.o_bias else None
+        gate_up = np.concatenate([f32(p + "mlp.gate_proj.weight", (F, H)), f32(p + "mlp.up_proj.weight", (F, H))], 0)
+        layers.append(DecoderLayer(
+            input_norm=arr(get(p + "input_layernorm.weight"), (H,), p + "input_layernorm.weight"),
+            attn=Attention(
+                qkv_weight=jnp.asarray(qkv_w, dtype),
+                qkv_bias=qkv_b,
+                o_weight=arr(get(a + "o_proj.weight"), (H, nq), a + "o_proj.weight"),
+                o_bias=o_b,
+            ),
+            post_norm=arr(get(p + "post_attention_layernorm.weight"), (H,), p + "post_attention_layernorm.weight"),
+            mlp=MLP(
+                gate_up_weight=jnp.asarray(gate_up, dtype),
+                down_weight=arr(get(p + "mlp.down_proj.weight"), (H, F), p + "mlp.down_proj.weight"),
+            ),
+        ))
     embed = arr(get("model.embed_tokens.weight"), (c.vocab_size, H), "model.embed_tokens.weight")
     lm_head = None
     if not c.tie_embeddings:
@@ -227,30 +190,11 @@ def model_from_hf_state(config: ModelConfig, tensors: dict[str, np.ndarray], dty
     return LlamaModel(
         config=c,
         embed=embed,
-        layers=layers,
+        layers=tuple(layers),
         norm=arr(get("model.norm.weight"), (H,), "model.norm.weight"),
         lm_head=lm_head,
         inv_freq=jnp.asarray(rope_inv_freq(c)),
     )
-
-
-def stack_layers(layers) -> DecoderLayer:
-    """One :class:`DecoderLayer` with the weights of ``layers`` stacked along a leading axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-
-
-def unstack_layers(model: "LlamaModel") -> "LlamaModel":
-    """The model with per-layer weights (a tuple of :class:`DecoderLayer`), run by an unrolled loop.
-
-    The default stacked model runs its layers under ``lax.scan`` and compiles ≈ L times less
-    code, but on XLA:CPU every step of the scan copies its layer's weight matrices out of the
-    stack before the matmuls (a dynamic slice cannot feed a dot in place), which at small batch
-    costs up to ≈ 2-3x the decode time. Unstacked weights give the unrolled program: no copies,
-    L times the compile time. Same numbers either way; the KV cache layout is the same.
-    """
-    if not isinstance(model.layers, DecoderLayer):
-        return model
-    return eqx.tree_at(lambda m: m.layers, model, tuple(model.layer(i) for i in range(model.num_layers)))
 
 
 def init_random(config: ModelConfig, key: Array, dtype=jnp.float32, scale: float = 0.02) -> LlamaModel:
@@ -291,7 +235,7 @@ def _init_random(config: ModelConfig, key: Array, dtype, scale: float) -> LlamaM
         for _ in range(c.num_layers)
     )
     assert pos[0] == flat.size
-    return LlamaModel(config=c, embed=embed, layers=stack_layers(layers), norm=ones(H), lm_head=lm_head,
+    return LlamaModel(config=c, embed=embed, layers=layers, norm=ones(H), lm_head=lm_head,
                       inv_freq=jnp.asarray(rope_inv_freq(c)))
 
 
@@ -306,13 +250,11 @@ def with_matmul_dtype(model: LlamaModel, dtype) -> LlamaModel:
     """
     dtype = jnp.dtype(dtype)
     cast = lambda x: x.astype(dtype)  # noqa: E731
-    def cast_layer(layer: DecoderLayer) -> DecoderLayer:
-        return eqx.tree_at(lambda l: (l.attn.qkv_weight, l.attn.o_weight, l.mlp.gate_up_weight, l.mlp.down_weight),
-                           layer, (cast(layer.attn.qkv_weight), cast(layer.attn.o_weight),
-                                   cast(layer.mlp.gate_up_weight), cast(layer.mlp.down_weight)))
-
-    layers = (cast_layer(model.layers) if isinstance(model.layers, DecoderLayer)
-              else tuple(cast_layer(layer) for layer in model.layers))
+    layers = tuple(
+        eqx.tree_at(lambda l: (l.attn.qkv_weight, l.attn.o_weight, l.mlp.gate_up_weight, l.mlp.down_weight),
+                    layer, (cast(layer.attn.qkv_weight), cast(layer.attn.o_weight),
+                            cast(layer.mlp.gate_up_weight), cast(layer.mlp.down_weight)))
+        for layer in model.layers)
     lm_head = None if model.lm_head is None else cast(model.lm_head)
     return eqx.tree_at(lambda m: (m.embed, m.layers, m.lm_head), model, (cast(model.embed), layers, lm_head),
                        is_leaf=lambda x: x is None)
@@ -349,108 +291,67 @@ def forward(
     Slots past the cache end are dropped (callers check capacity). Returns the final hidden states
     (before the last norm) and the updated cache.
 
-    Attention sees the cached slots ``t < start[b]`` of the row (written by earlier calls) and the
-    chunk's own keys ``s' <= s``; the chunk is written to the cache after the last layer.
-    ``attend`` (static) reads only the first ``attend`` cache slots, which is exact for every row
-    with ``start[b] <= attend`` (other rows' outputs are then meaningless): the attention's cost
-    follows the filled part of the cache, not its preallocated length (``attend=0``: the cache is
-    empty and not read, as in a prefill).
-
-    The layers run under ``jax.lax.scan`` over the stacked weights, carrying the hidden states and
-    the whole cache: layer ``l`` scatters its new keys and values into index ``l`` of the cache's
-    layer axis, then reads that layer's slice (``dynamic_slice``), so the cache is updated in place.
+    ``attend`` (static) reads only the first ``attend`` cache slots in attention, which is exact
+    for every query at a position ``p < attend`` (other rows' outputs are then meaningless): the
+    attention's cost follows the filled part of the cache, not its preallocated length.
     """
     c = model.config
     B, S = tokens.shape
     T = cache.max_len if attend is None else min(int(attend), cache.max_len)
     D, nkv, g = c.head_dim, c.num_kv_heads, c.group_size
     nq = c.num_heads * D
-    F = c.intermediate_size
-    cdt = cache.k.dtype
     pos = start[:, None] + jnp.arange(S, dtype=start.dtype)[None, :]  # [B, S]
     ang = pos.astype(_F32)[..., None] * model.inv_freq  # [B, S, D/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-    # Keys a query sees: the cached slots t < start (written by earlier calls) and the chunk's own
-    # positions s' <= s. Cached slots >= start are stale (or this chunk's, not written yet).
-    old_mask = (jnp.arange(T)[None, :] < start[:, None])[:, None, None, None, :]  # [B, 1, 1, 1, T]
-    new_mask = (jnp.arange(S)[None, :] <= jnp.arange(S)[:, None])[None, None, None]  # [1, 1, 1, S, S]
+    mask = jnp.arange(T)[None, None, :] <= pos[:, :, None]  # [B, S, T]
+    mask = mask[:, None, None, :, :]  # [B, 1, 1, S, T]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
     scale = 1.0 / math.sqrt(D)
 
-    def attention(q, k, v, l):
-        """q [B, S, heads, D]; k, v [B, S, K, D] of the chunk (cache dtype); the layer's cached
-        keys / values are read (first T slots) from the loop-invariant input cache."""
-        qg = q.reshape(B, S, nkv, g, D)
-        if T > 0:
-            kc = jax.lax.dynamic_slice(cache.k, (0, l, 0, 0, 0), (B, 1, nkv, T, D))[:, 0]  # [B, K, T, D]
-            vc = jax.lax.dynamic_slice(cache.v, (0, l, 0, 0, 0), (B, 1, nkv, T, D))[:, 0]
-        if S == 1:
-            # One query per row (decoding): the per-(row, kv-head) products are [g, D] x [D, T],
-            # far too small for a batched matmul; a broadcast multiply and a reduction stream the
-            # cache once and are several times faster on CPU.
-            q1 = qg[:, 0].astype(_F32)  # [B, K, G, D]
-            s_new = jnp.sum(q1 * k[:, 0, :, None, :].astype(_F32), axis=-1)[..., None, None] * scale  # [B,K,G,1,1]
-            if T > 0:
-                s_old = jnp.sum(q1[:, :, :, None, :] * kc[:, :, None, :, :].astype(_F32), axis=-1)  # [B, K, G, T]
-                s_old = s_old[:, :, :, None, :] * scale  # [B, K, G, 1, T]
-        else:
-            s_new = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=_F32) * scale
-            if T > 0:
-                s_old = jnp.einsum("bskgd,bktd->bkgst", qg, kc, preferred_element_type=_F32) * scale
-        s_new = jnp.where(new_mask, s_new, -jnp.inf)
-        if T > 0:
-            s_all = jnp.concatenate([jnp.where(old_mask, s_old, -jnp.inf), s_new], axis=-1)
-        else:
-            s_all = s_new
-        p = jax.nn.softmax(s_all, axis=-1).astype(cdt)  # [B, K, G, S, T + S]
-        p_old, p_new = p[..., :T], p[..., T:]
-        if S == 1:
-            o = p_new[:, :, :, 0, 0, None].astype(_F32) * v[:, 0, :, None, :].astype(_F32)  # [B, K, G, D]
-            if T > 0:
-                o = o + jnp.sum(p_old[:, :, :, 0, :, None].astype(_F32) * vc[:, :, None, :, :].astype(_F32), axis=3)
-            return o[:, None]  # [B, 1, K, G, D]
-        # XLA:CPU has no bf16 x bf16 -> f32 kernel for this batched dot (UNIMPLEMENTED at
-        # batch > 1): multiply in float32 there.
-        pv_dtype = _F32 if jax.default_backend() == "cpu" else cdt
-        o = jnp.einsum("bkgst,btkd->bskgd", p_new.astype(pv_dtype), v.astype(pv_dtype), preferred_element_type=_F32)
-        if T > 0:
-            o = o + jnp.einsum("bkgst,bktd->bskgd", p_old.astype(pv_dtype), vc.astype(pv_dtype),
-                               preferred_element_type=_F32)
-        return o
-
-    def layer_step(x, xs):
-        layer, l = xs
+    x = model.embed[tokens].astype(model.dtype)  # [B, S, H]
+    ks, vs = [], []
+    for layer, kc, vc in zip(model.layers, cache.k, cache.v):
         h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
         qkv = _linear(h, layer.attn.qkv_weight, layer.attn.qkv_bias)
         q = qkv[..., :nq].reshape(B, S, c.num_heads, D)
         k = qkv[..., nq:nq + nkv * D].reshape(B, S, nkv, D)
         v = qkv[..., nq + nkv * D:].reshape(B, S, nkv, D)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        k, v = k.astype(cdt), v.astype(cdt)
-        o = attention(q, k, v, l).astype(x.dtype)
+        kc = kc.at[rows, :, pos].set(k.astype(kc.dtype), mode="drop")
+        vc = vc.at[rows, :, pos].set(v.astype(vc.dtype), mode="drop")
+        ks.append(kc)
+        vs.append(vc)
+        if T < cache.max_len:
+            kc, vc = kc[:, :, :T], vc[:, :, :T]
+        qg = q.reshape(B, S, nkv, g, D)
+        if S == 1:
+            # One query per row (decoding): the per-(row, kv-head) products are [g, D] x [D, T],
+            # far too small for a batched matmul; a broadcast multiply and a reduction stream the
+            # cache once and are several times faster on CPU.
+            q1 = qg[:, 0].astype(_F32)  # [B, K, G, D]
+            s = jnp.sum(q1[:, :, :, None, :] * kc[:, :, None, :, :].astype(_F32), axis=-1)  # [B, K, G, T]
+            s = s[:, :, :, None, :] * scale  # [B, K, G, 1, T]
+        else:
+            s = jnp.einsum("bskgd,bktd->bkgst", qg, kc, preferred_element_type=_F32) * scale
+        s = jnp.where(mask, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(vc.dtype)
+        if S == 1:
+            o = jnp.sum(p[:, :, :, 0, :, None].astype(_F32) * vc[:, :, None, :, :].astype(_F32), axis=3)  # [B,K,G,D]
+            o = o[:, None].astype(x.dtype)  # [B, 1, K, G, D]
+        else:
+            # XLA:CPU has no bf16 x bf16 -> f32 kernel for this batched dot (UNIMPLEMENTED at
+            # batch > 1): multiply in float32 there.
+            pv_dtype = _F32 if jax.default_backend() == "cpu" else vc.dtype
+            o = jnp.einsum("bkgst,bktd->bskgd", p.astype(pv_dtype), vc.astype(pv_dtype),
+                           preferred_element_type=_F32).astype(x.dtype)
         o = _linear(o.reshape(B, S, nq), layer.attn.o_weight, layer.attn.o_bias)
         x = x + o
         h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
         gu = _linear(h, layer.mlp.gate_up_weight)
+        F = c.intermediate_size
         a = jax.nn.silu(gu[..., :F].astype(_F32)).astype(x.dtype) * gu[..., F:]
         x = x + _linear(a, layer.mlp.down_weight)
-        return x, (k, v)
-
-    x = model.embed[tokens].astype(model.dtype)  # [B, S, H]
-    if isinstance(model.layers, DecoderLayer):  # stacked weights: one traced layer under scan
-        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-        x, (ks, vs) = jax.lax.scan(layer_step, x, (model.layers, layer_ids))  # ks, vs: [L, B, S, K, D]
-    else:  # per-layer weights (see unstack_layers): a Python loop, each layer traced and compiled
-        ks, vs = [], []
-        for l, layer in enumerate(model.layers):
-            x, (k, v) = layer_step(x, (layer, l))
-            ks.append(k)
-            vs.append(v)
-        ks, vs = jnp.stack(ks), jnp.stack(vs)
-    # Every layer's new keys and values in one per-row scatter (in place under jit).
-    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, S))
-    k = cache.k.at[rows, :, :, pos].set(jnp.moveaxis(ks, 0, 2), mode="drop")  # [B, S, L, K, D] at (b, pos)
-    v = cache.v.at[rows, :, :, pos].set(jnp.moveaxis(vs, 0, 2), mode="drop")
-    return x, KVCache(k=k, v=v)
+    return x, KVCache(k=tuple(ks), v=tuple(vs))
 
 
 @jax.jit
@@ -460,5 +361,5 @@ def forward_logits(
     """Logits at every position of right-padded sequences (teacher forcing, no cache kept)."""
     B, S = tokens.shape
     cache = init_cache(model.config, B, S, model.dtype)
-    hidden, _ = forward(model, tokens, jnp.zeros((B,), jnp.int32), cache, attend=0)  # empty cache: not read
+    hidden, _ = forward(model, tokens, jnp.zeros((B,), jnp.int32), cache)
     return model.logits(hidden)
