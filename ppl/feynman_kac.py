@@ -56,7 +56,9 @@ class AbstractFeynmanKac(eqx.Module):
       of it). Models with big particles (an LLM's KV cache) return a small view, so that the move
       can update the particles in place instead of keeping x_{t−1} beside x_t.
     - ``move_keeps_done`` (class variable): the model's own ``move`` leaves ``done`` particles
-      unchanged, so the engine skips its row-select over every leaf.
+      unchanged in everything the model can ever read of them, so the engine skips its row-select
+      over every leaf (scratch storage that is never read, e.g. KV-cache slots past a finished
+      sequence's length, may change).
     - ``step_info(t, previous, particles)``: per-step statistics of the move from ``previous`` to
       ``particles`` (e.g. tokens generated, reward calls), recorded by the engine in
       ``SMCInfo.step_info`` without making the model adaptive. ``previous`` is ``None`` at t = 0.

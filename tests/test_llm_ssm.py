@@ -674,7 +674,8 @@ def test_host_callbacks_are_per_object_and_no_module_registry_grows(base_model):
 def test_step_info_previous_view_and_move_keeps_done(base_model):
     """The protocol hooks: ``previous_view`` holds log R and the step count only (no KV cache or
     token buffer); ``step_info`` counts the tokens and reward calls of the particles that moved;
-    ``move`` leaves done particles bit-for-bit unchanged (every leaf), so ``move_keeps_done``."""
+    ``move`` leaves done particles bit-for-bit unchanged (every leaf), so ``move_keeps_done``
+    (the Markov-chain LM; the transformer in the next test)."""
     m = base_model
     assert m.move_keeps_done and not m.is_adaptive
     p = m.init(jax.random.key(4), 32)
@@ -695,10 +696,42 @@ def test_step_info_previous_view_and_move_keeps_done(base_model):
                                       np.asarray(m.log_potential(jnp.asarray(t), p, q)))
         p = q
     assert np.asarray(p.done).any()
-    # the transformer's step LM does not keep done rows bit-for-bit: the engine must select them
+
+
+def test_transformer_step_lm_keeps_done_rows():
+    """The transformer's step LM leaves finished rows unchanged in everything it can read: tokens,
+    lengths, logits, log-prob, done flag and every KV-cache slot below the row's length (only the
+    scratch slot at the length is written by the batched forward). This is what lets the engine
+    skip its row select (``move_keeps_done``)."""
+    from models.llm import ModelConfig, init_random
+    from models.llm_fk.rewards import TokenVerifier
+    from models.llm_fk.ssm import LLMFeynmanKac
     from models.llm_fk.step_lm import StepLM
 
-    assert not StepLM.keeps_done_rows
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=8, eos_token_ids=(1,))
+    lm = StepLM(init_random(cfg, jax.random.key(0), scale=0.5), None, (2, 3), (1,))
+    model = LLMFeynmanKac.build(lm, [4, 5, 6], TokenVerifier(lambda tok, n, p0, prev, fin: jnp.ones(tok.shape[:1])),
+                                max_steps=8, max_step_tokens=2)
+    assert StepLM.keeps_done_rows and model.move_keeps_done
+    p = model.init(jax.random.key(1), 16)
+    seen_done = 0
+    for t in range(1, 8):
+        q = model.move(jax.random.key(10 + t), jnp.asarray(t), p)
+        done = np.asarray(p.done)
+        seen_done += done.sum()
+        for name in ("tokens", "lengths", "logits", "done", "logprob", "prompt_lengths"):
+            np.testing.assert_array_equal(np.asarray(getattr(p.lm, name))[done],
+                                          np.asarray(getattr(q.lm, name))[done], err_msg=name)
+        slots = np.arange(p.lm.tokens.shape[1])[None, :] < np.asarray(p.lm.lengths)[:, None]  # [N, T]
+        for a, b in zip(p.lm.cache.k + p.lm.cache.v, q.lm.cache.k + q.lm.cache.v):
+            a, b = np.asarray(a), np.asarray(b)  # [N, K, T, D]
+            keep = (slots[:, None, :, None] & done[:, None, None, None]) & np.ones(a.shape, bool)
+            np.testing.assert_array_equal(a[keep], b[keep])
+        for a, b in zip(jax.tree.leaves(p._replace(lm=None)), jax.tree.leaves(q._replace(lm=None))):
+            np.testing.assert_array_equal(np.asarray(a)[done], np.asarray(b)[done])
+        p = q
+    assert seen_done > 0, "the test needs finished particles"
 
 
 def test_log_scale_host_rewards_do_not_underflow(base_model):

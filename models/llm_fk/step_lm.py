@@ -87,7 +87,8 @@ class AbstractStepLM(eqx.Module):
     delimiter_ids: tuple[int, ...] = eqx.field(static=True)
     eos_ids: tuple[int, ...] = eqx.field(static=True)
 
-    #: ``generate_step`` leaves rows that are done bit-for-bit unchanged (every leaf)
+    #: ``generate_step`` leaves rows that are done unchanged in everything it can read of them
+    #: (scratch storage past a row's length excepted)
     keeps_done_rows: ClassVar[bool] = False
 
     @property
@@ -161,9 +162,12 @@ class StepLM(AbstractStepLM):
     tokenizer: Any = eqx.field(static=True)
     sampling: Any = eqx.field(static=True)
 
-    # the runtime's batched forward also runs done rows, writing a K/V entry at their next free
-    # slot (outside their length, never attended): equal in law, not bit-for-bit
-    keeps_done_rows: ClassVar[bool] = False
+    # The runtime's batched forward also runs done rows: their tokens, length, logits, log-prob and
+    # every cache slot below their length are unchanged; only the K/V entry at their next free slot
+    # (scratch, never attended by a finished row, overwritten before any read) is written. Nothing
+    # the model reads changes, so the engine may skip its row select (which would copy every KV
+    # cache row at every step).
+    keeps_done_rows: ClassVar[bool] = True
 
     def __init__(self, model, tokenizer, delimiter_ids: Sequence[int], eos_ids: Sequence[int] | None = None,
                  sampling=None):
