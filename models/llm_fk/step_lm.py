@@ -36,6 +36,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from models import llm as _llm
+from ppl import tree
 from models.markov_lm import PAD as MARKOV_PAD
 from models.markov_lm import LMState, MarkovLM, generate_step
 
@@ -64,7 +65,7 @@ class StepInfo(NamedTuple):
 
 
 def _tile(state, n: int):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (n,) + x.shape[1:]), state)
+    return tree.broadcast_rows(tree.row(state, 0), n)
 
 
 def _copy(state):
@@ -228,7 +229,7 @@ class StepLM(AbstractStepLM):
     def rewind(self, state_row, lengths):
         # The cache of the longer state holds the shorter prefixes (slots past a length are never
         # attended to); only the next-token logits are recomputed, by forcing the last token again.
-        row1 = jax.tree.map(lambda x: x[None], state_row)
+        row1 = tree.add_axis(state_row)
 
         def logits_at(length):
             short = row1._replace(lengths=(length - 1)[None], done=jnp.zeros((1,), bool))
@@ -241,7 +242,7 @@ class StepLM(AbstractStepLM):
         width = state_row.tokens.shape[0]
         keep = jnp.arange(width)[None, :] < lengths[:, None]
         tokens = jnp.where(keep, state_row.tokens[None, :], self.pad_id)
-        rows = jax.tree.map(lambda x: jnp.broadcast_to(x, (t,) + x.shape), state_row)
+        rows = tree.broadcast_rows(state_row, t)
         return rows._replace(tokens=tokens, lengths=lengths.astype(jnp.int32), logits=logits,
                              done=lengths >= width)
 
