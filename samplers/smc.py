@@ -20,6 +20,7 @@ directly for online filtering.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -171,7 +172,7 @@ def smc(
         raise ValueError(
             f"resample_schedule needs {length} entries, got {jnp.shape(resample_schedule)[0]}"
         )
-    return _smc_jit(
+    result = _smc_jit(
         fast_key(key),  # the same random streams, an unrolled (fusable) threefry on CPU
         model,
         reference,
@@ -185,6 +186,28 @@ def smc(
         store_history=bool(store_history),
         resample_final=bool(resample_final),
     )
+    warn_failures(result)
+    return result
+
+
+def warn_failures(result: SMCResult) -> None:
+    """Warn (after the compiled call) about NaN log-potentials and extinction recorded in
+    ``result``; silent under a transformation (traced values: the caller reads the fields)."""
+    if isinstance(result.extinct, jax.core.Tracer) or jnp.ndim(result.extinct) != 0:
+        return
+    nans = int(result.num_nan_potentials)
+    if nans:
+        warnings.warn(
+            f"SMC: {nans} log-potential(s) were NaN and were treated as -inf (the particles were "
+            "killed); check the model's potentials (result.num_nan_potentials)",
+            RuntimeWarning, stacklevel=3,
+        )
+    if bool(result.extinct):
+        warnings.warn(
+            "SMC: every particle had zero weight at some step (extinction): log_evidence is -inf "
+            "(result.extinct); use more particles or a better proposal, or check the model",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 @eqx.filter_jit

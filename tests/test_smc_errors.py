@@ -231,3 +231,19 @@ def test_extinction_is_reported(failure_runs, mode):
     if mode == ALL_NAN_AT_3:
         assert int(res.num_nan_potentials) == N
     _assert_no_nan(res)
+
+
+@pytest.mark.parametrize("mode, message", [(NAN_ABOVE_ONE, "were NaN"), (ALL_DEAD_AT_3, "extinction")])
+def test_failures_are_warned_after_the_call(mode, message):
+    """An eager ``smc`` call also warns (the fields alone are easy to miss); a healthy run does not."""
+    import warnings
+
+    def model(m):
+        return from_single_particle(_init, _move, _failing_potential, params={"mode": jnp.asarray(m)},
+                                    num_steps=T)
+
+    with pytest.warns(RuntimeWarning, match=message):
+        smc(jax.random.key(3), model(mode), N)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        smc(jax.random.key(3), model(OK), N)
