@@ -4,8 +4,6 @@ A public function called with a wrongly shaped or typed argument must raise a ja
 error at the call, before any computation.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -13,11 +11,6 @@ from jaxtyping import TypeCheckError
 
 from ppl import tree
 from samplers.resampling import Systematic, ess, normalise
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get("PPL_NO_SHAPE_CHECKS", "") not in ("", "0"), reason="shape checks switched off"
-)
-
 
 def test_wrong_rank_is_rejected():
     with pytest.raises(TypeCheckError):
