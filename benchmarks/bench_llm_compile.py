@@ -26,20 +26,6 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.machine import machine_description  # noqa: E402
 
 
-def _imports():
-    """The step LM, the state-space model and the verifier reward (in ``models.llm_fk``, formerly
-    ``models.llm``)."""
-    try:
-        from models.llm_fk.rewards import TokenVerifier
-        from models.llm_fk.ssm import LLMFeynmanKac
-        from models.llm_fk.step_lm import StepLM
-    except ImportError:  # before the Feynman-Kac view moved to its own package
-        from models.llm.rewards import TokenVerifier
-        from models.llm.ssm import LLMFeynmanKac
-        from models.llm.step_lm import StepLM
-    return StepLM, LLMFeynmanKac, TokenVerifier
-
-
 def _ones(tokens, lengths, prompt_lengths, prev_lengths, finished):
     return jnp.ones(tokens.shape[:1], jnp.float32)
 
@@ -58,9 +44,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from models.llm import Sampling, generate_until, load_smollm2, start
+    from models.llm_fk.rewards import TokenVerifier
+    from models.llm_fk.ssm import LLMFeynmanKac
+    from models.llm_fk.step_lm import StepLM
     from samplers import smc
 
-    StepLM, LLMFeynmanKac, TokenVerifier = _imports()
     out: dict = {"machine": machine_description(), "jax": jax.__version__, "backend": jax.default_backend()}
 
     t0 = time.perf_counter()
