@@ -32,7 +32,8 @@ __all__ = ["AbstractMCMCKernel", "RandomWalk", "HMC", "NUTS", "get_kernel"]
 
 class AbstractMCMCKernel(eqx.Module):
     """A strategy: ``prepare(ε, Σ)`` once per SMC step (outside the particle ``vmap``), then
-    ``run(key, logdensity_fn, z, prepared, num_steps)`` per particle."""
+    ``build(logdensity_fn, prepared)``, whose blackjax ``init`` / ``step`` the sampler runs per
+    particle (``run`` does a fixed number of transitions of one particle)."""
 
     @property
     @abc.abstractmethod

@@ -16,6 +16,8 @@ the correct one only in an array leaf, so both run in the same compiled call.
 
 from __future__ import annotations
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -48,10 +50,8 @@ class PoweredRandomWalk(RandomWalk):
 
     power: Array = eqx.field(default_factory=lambda: jnp.ones(()))
 
-    def run(self, key, logdensity_fn, position, prepared, num_steps):
-        return super().run(
-            key, lambda z: self.power * logdensity_fn(z), position, prepared, num_steps
-        )
+    def build(self, logdensity_fn, prepared):
+        return super().build(lambda z: self.power * logdensity_fn(z), prepared)
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +249,74 @@ def test_bad_inputs(problem):
     with pytest.raises(ValueError, match="no observed sites"):
         tempered_smc(key, prior_only)
     assert isinstance(get_kernel("nuts"), NUTS) and isinstance(get_kernel("RWM"), RandomWalk)
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults on a 31-dimensional posterior against a stored NUTS reference
+# ---------------------------------------------------------------------------------------------
+
+LR_N = 512
+# Tolerances from the Monte Carlo error: a weighted posterior mean of N = 512 particles resampled
+# at ρ = 1/2 has standard error ≤ σ/√ESS with ESS ≥ N/4 = 128 taken conservatively (duplicates,
+# residual correlation), i.e. ≤ 0.088 σ; over 31 coordinates a 3.5-standard-error bound is
+# 0.31 σ. A standard deviation's relative error is ≈ 1/√(2 ESS) ≤ 0.0625, so 3.5 of them: ±0.22.
+# The reference's own error (20 000 NUTS draws, ESS ≥ 20 000) is below 0.01 σ.
+LR_MEAN_TOL = 0.31
+LR_SD_TOL = 0.22
+
+
+def _lr_errors(res, ref):
+    w = np.exp(np.asarray(res.log_weights, np.float64))
+    draws = np.concatenate([np.asarray(res.samples["b0"])[:, None], np.asarray(res.samples["b"])], 1)
+    mean = w @ draws
+    sd = np.sqrt(w @ (draws - mean) ** 2)
+    return float(np.max(np.abs(mean - ref["mean"]) / ref["sd"])), sd / ref["sd"]
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    from models.logistic_regression import breast_cancer_data, logistic_regression, nuts_reference
+
+    x, y = breast_cancer_data()
+    return from_numpyro(logistic_regression, x, y), nuts_reference()
+
+
+def test_logistic_regression_defaults_match_nuts(logistic):
+    """Default tempered SMC (HMC moves, adaptive number of moves) on the 31-dimensional
+    breast-cancer logistic regression: posterior means and standard deviations within Monte Carlo
+    error of the stored NUTS reference, and no warning."""
+    target, ref = logistic
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = tempered_smc(jax.random.key(1), target, num_particles=LR_N)
+    err, sd_ratio = _lr_errors(res, ref)
+    print("defaults: max |Δmean|/sd", err, "sd ratio", sd_ratio.min(), sd_ratio.max(),
+          "moves", res.mcmc_steps[: int(res.num_steps)], "jump", res.jump[: int(res.num_steps)])
+    assert err < LR_MEAN_TOL, err
+    assert np.all(np.abs(sd_ratio - 1) < LR_SD_TOL), sd_ratio
+    assert int(res.num_unmixed_steps) == 0 and not bool(res.reached_max_steps)
+
+
+def test_logistic_regression_fixed_random_walk_is_rejected_and_warned(logistic):
+    """The old default (5 random-walk moves per stage, no adaptation) collapses the population: the
+    same checks reject it, and the jump diagnostic warns."""
+    target, ref = logistic
+    with pytest.warns(RuntimeWarning, match="max_mcmc_steps"):
+        res = tempered_smc(jax.random.key(1), target, num_particles=LR_N, kernel="rwm",
+                           num_mcmc_steps=5, max_mcmc_steps=5)
+    err, sd_ratio = _lr_errors(res, ref)
+    print("fixed RWM: max |Δmean|/sd", err, "sd ratio", sd_ratio.min(), sd_ratio.max(),
+          "acceptance", np.nanmean(res.acceptance_rate))
+    assert err > LR_MEAN_TOL or np.any(np.abs(sd_ratio - 1) >= LR_SD_TOL)
+    assert int(res.num_unmixed_steps) == int(res.num_steps) - 1  # every move
+
+
+def test_logistic_regression_adaptive_random_walk_mixes(logistic):
+    """With the adaptive number of moves a random walk also passes (more moves per stage)."""
+    target, ref = logistic
+    res = tempered_smc(jax.random.key(2), target, num_particles=LR_N, kernel="rwm")
+    err, sd_ratio = _lr_errors(res, ref)
+    t = int(res.num_steps)
+    print("adaptive RWM: max |Δmean|/sd", err, "moves", res.mcmc_steps[:t])
+    assert err < LR_MEAN_TOL and np.all(np.abs(sd_ratio - 1) < LR_SD_TOL)
+    assert np.all(res.mcmc_steps[1:t] > 5) and np.all(res.jump[1:t] >= 1.0)
