@@ -111,3 +111,19 @@ def test_smc_kernel_page_code_runs(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, f"smc_kernel.md code failed:\n{proc.stdout}\n{proc.stderr}"
     assert "step compiled 1 time(s)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_tempering_page_code_runs(tmp_path):
+    """The logistic-regression example of tempering.md runs, silently, and lands near NUTS."""
+    blocks = _python_blocks((DOCS / "tempering.md").read_text())
+    assert blocks, "tempering.md lost its code block"
+    script = tmp_path / "tempering_page.py"
+    script.write_text("import warnings\nwarnings.simplefilter('error', RuntimeWarning)\n\n" + "\n\n".join(blocks))
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"tempering.md code failed:\n{proc.stdout}\n{proc.stderr}"
+    err = float(re.search(r"largest posterior-mean error: ([0-9.]+)", proc.stdout).group(1))
+    assert err < 0.45, proc.stdout  # N = 256: the 3.5-standard-error bound of test_tempering, × √2
