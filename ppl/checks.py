@@ -96,3 +96,21 @@ def feynman_kac_model(model: Any, name: str = "model") -> Any:
             f"{name} must be an AbstractFeynmanKac (see ppl.feynman_kac), got {type(model).__name__}"
         )
     return model
+
+
+def prng_key(name: str, key: Any) -> Any:
+    """``key`` if it is a JAX PRNG key (typed, ``jax.random.key(seed)``, or raw ``uint32[2]``,
+    ``jax.random.PRNGKey(seed)``), traced or not; else ``TypeError`` (an int seed would fail deep
+    inside JAX)."""
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(key, jax.Array):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            return key
+        if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
+            return key
+    raise TypeError(
+        f"{name} must be a JAX PRNG key such as jax.random.key(0), got "
+        f"{type(key).__name__} {getattr(key, 'dtype', '')} {getattr(key, 'shape', '')}".rstrip()
+    )

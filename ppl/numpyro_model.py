@@ -29,6 +29,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 from numpyro.handlers import seed, substitute, trace
@@ -133,6 +134,26 @@ class NumpyroModel(eqx.Module):
         return jax.tree.map(lambda x: x.reshape(batch + x.shape[1:]), out)
 
 
+def _check_no_nan(model_args, model_kwargs) -> None:
+    """NaN in data passed to the model (observations, covariates) is an error here: inside the
+    sampler it would make the likelihood NaN, which the engine treats as a killed particle."""
+    named = [(f"model_args[{i}]", a) for i, a in enumerate(model_args)]
+    named += [(f"model_kwargs[{k!r}]", v) for k, v in model_kwargs.items()]
+    for name, value in named:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(value):
+            if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+                continue
+            if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+                continue
+            nan = np.isnan(np.asarray(leaf))
+            if nan.any():
+                raise ValueError(
+                    f"{name}{jax.tree_util.keystr(path)} contains {int(nan.sum())} NaN value(s) "
+                    f"(the first at index {tuple(int(i) for i in np.argwhere(nan)[0])}): remove or "
+                    "impute them, or model the missing values explicitly"
+                )
+
+
 def from_numpyro(
     model: Callable,
     *model_args: Any,
@@ -156,6 +177,7 @@ def from_numpyro(
         raise TypeError(f"model must be a callable numpyro model, got {type(model).__name__}")
     model_args = tuple(jax.tree.map(_as_jax, a) for a in model_args)
     model_kwargs = {k: jax.tree.map(_as_jax, v) for k, v in model_kwargs.items()}
+    _check_no_nan(model_args, model_kwargs)
 
     # Structure discovery by abstract evaluation (no compilation): site kinds from one seeded
     # trace, the unconstrained layout from numpyro's unconstrain_fn. The key does not matter.

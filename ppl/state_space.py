@@ -20,6 +20,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ppl import checks, tree
@@ -63,6 +64,7 @@ class StateSpaceModel(eqx.Module):
 
     def bootstrap(self, observations: PyTree) -> "BootstrapFilter":
         """Bootstrap Feynman-Kac model for observations with leading time axis T."""
+        observations = _as_observations(observations)
         horizon = _horizon(observations)
         _check_observation_shapes(self, observations)
         return BootstrapFilter(self, observations, horizon)
@@ -79,6 +81,7 @@ class StateSpaceModel(eqx.Module):
         (``x_prev`` is ``None`` at t = 0, where the proposal replaces the initial law)."""
         if not callable(proposal):
             raise TypeError("proposal must be callable: proposal(params, t, x_prev, y_t)")
+        observations = _as_observations(observations)
         horizon = _horizon(observations)
         _check_observation_shapes(self, observations)
         return GuidedFilter(self, observations, horizon, proposal)
@@ -100,6 +103,29 @@ class StateSpaceModel(eqx.Module):
         keys = jax.random.split(key, num_steps - 1)
         _, (xs, ys) = jax.lax.scan(body, x0, (jnp.arange(1, num_steps), keys))
         return tree.prepend(x0, xs), tree.prepend(y0, ys)
+
+
+def _as_observations(observations) -> PyTree:
+    """A plain list of numbers (or of equal-shape rows) becomes one array with the time axis
+    first; concrete float leaves with NaN or ±inf are an error (a NaN y_t would make every
+    particle's potential NaN: the engine would kill them all, or weight them silently wrong)."""
+    if isinstance(observations, list) and observations and all(
+        isinstance(v, (int, float, np.number, np.ndarray, list)) for v in observations
+    ):
+        observations = np.asarray(observations)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(observations):
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        bad = ~np.isfinite(np.asarray(leaf))
+        if bad.any():
+            where = np.argwhere(bad)[0]
+            raise ValueError(
+                f"observations{jax.tree_util.keystr(path)} contain {int(bad.sum())} non-finite "
+                f"value(s) (NaN or inf; the first at index {tuple(int(i) for i in where)}, time "
+                f"step {int(where[0]) if where.size else 0}): remove or impute them (a missing "
+                "y_t needs an observation law that allows it)"
+            )
+    return observations
 
 
 def _horizon(observations) -> int:

@@ -24,12 +24,14 @@ run in it by ``vmap``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl import checks, tree
@@ -199,7 +201,33 @@ def random_walk_metropolis(
         target_acceptance=None if target_acceptance is None else float(target_acceptance),
     )
     keys = jax.random.split(k_run, num_chains)
-    return _rw_run(keys, u0, space, log_likelihood, proposal_cov, cfg)
+    result = _rw_run(keys, u0, space, log_likelihood, proposal_cov, cfg)
+    warn_stuck_chains(result)
+    return result
+
+
+# A chain whose sampling phase accepted fewer than this fraction of its proposals is "stuck".
+STUCK_ACCEPTANCE = 0.01
+
+
+def warn_stuck_chains(result: MCMCResult) -> None:
+    """``RuntimeWarning`` (after an eager call; silent under a transformation) naming the chains
+    whose acceptance rate is below ``STUCK_ACCEPTANCE``: their draws repeat one value and do not
+    represent the posterior."""
+    rate = result.acceptance_rate
+    if isinstance(rate, jax.core.Tracer) or jnp.ndim(rate) != 1:
+        return
+    rate = np.asarray(rate)
+    stuck = np.flatnonzero(~(rate >= STUCK_ACCEPTANCE))
+    if stuck.size:
+        warnings.warn(
+            f"random-walk Metropolis / PMMH: {stuck.size} of {rate.size} chain(s) accepted fewer "
+            f"than {STUCK_ACCEPTANCE:.0%} of their proposals (chains {stuck[:8].tolist()}, rates "
+            f"{np.round(rate[stuck[:8]], 4).tolist()}): they are stuck. With PMMH this usually "
+            "means a noisy likelihood estimate (use more particles: the log-likelihood's standard "
+            "deviation should be about 1) or a proposal far too wide (result.acceptance_rate)",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def pmmh(

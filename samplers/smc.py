@@ -145,6 +145,7 @@ def smc(
     Returns:
         :class:`SMCResult`.
     """
+    checks.prng_key("key", key)
     model_horizon = getattr(model, "num_steps", None)
     horizon = model_horizon if num_steps is None else num_steps
     _validate(model, num_particles, ess_threshold, horizon, max_steps, resample_schedule)
@@ -190,9 +191,14 @@ def smc(
     return result
 
 
+# Final ESS below this fraction of N (and below 1.5 particles for N < 150) triggers a warning.
+LOW_FINAL_ESS = 0.01
+
+
 def warn_failures(result: SMCResult) -> None:
-    """Warn (after the compiled call) about NaN log-potentials and extinction recorded in
-    ``result``; silent under a transformation (traced values: the caller reads the fields)."""
+    """Warn (after the compiled call) about NaN log-potentials, extinction and a final ESS below
+    ``max(1.5, LOW_FINAL_ESS · N)`` recorded in ``result``; silent under a transformation (traced
+    values: the caller reads the fields)."""
     if isinstance(result.extinct, jax.core.Tracer) or jnp.ndim(result.extinct) != 0:
         return
     nans = int(result.num_nan_potentials)
@@ -200,6 +206,15 @@ def warn_failures(result: SMCResult) -> None:
         warnings.warn(
             f"SMC: {nans} log-potential(s) were NaN and were treated as -inf (the particles were "
             "killed); check the model's potentials (result.num_nan_potentials)",
+            RuntimeWarning, stacklevel=3,
+        )
+    n = jnp.shape(result.log_weights)[0]
+    final_ess = float(jnp.asarray(result.ess)[max(int(result.num_steps) - 1, 0)])
+    if n >= 8 and not bool(result.extinct) and final_ess < max(1.5, LOW_FINAL_ESS * n):
+        warnings.warn(
+            f"SMC: the final effective sample size is {final_ess:.3g} of {n} particles: the "
+            "weighted estimates rest on very few particles; use more particles or a better "
+            "proposal, or check the model (result.ess)",
             RuntimeWarning, stacklevel=3,
         )
     if bool(result.extinct):

@@ -247,3 +247,91 @@ def test_failures_are_warned_after_the_call(mode, message):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         smc(jax.random.key(3), model(OK), N)
+
+
+# ---------------------------------------------------------------------------------------------
+# failures that speak: low final ESS, stuck chains, NaN data at the boundary, keys
+# ---------------------------------------------------------------------------------------------
+
+
+def _sharp_lgssm(obs_std):
+    return lgssm(LGSSMParams.scalar(0.9, 1.0, obs_std))
+
+
+def test_low_final_ess_warns():
+    """Observations far sharper than the prior: after the last step one particle carries the
+    weight (ESS < 1% of N) and the eager call says so; with the usual noise it stays silent."""
+    import warnings
+
+    ys = jnp.linspace(0.5, 2.0, 4)[:, None]
+    with pytest.warns(RuntimeWarning, match="final effective sample size"):
+        res = smc(jax.random.key(0), _sharp_lgssm(1e-3).bootstrap(ys), 256)
+    assert float(res.ess[-1]) < 2.56
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = smc(jax.random.key(0), _sharp_lgssm(1.0).bootstrap(ys), 256)
+    assert float(res.ess[-1]) > 2.56
+
+
+def test_nan_observations_are_an_error_at_the_boundary():
+    ssm = _sharp_lgssm(1.0)
+    ys = np.zeros((5, 1), np.float32)
+    ys[3, 0] = np.nan
+    with pytest.raises(ValueError, match=r"1 non-finite value.*time step 3"):
+        ssm.bootstrap(ys)
+    with pytest.raises(ValueError, match="non-finite"):
+        ssm.guided(np.full((5, 1), np.inf, np.float32), lambda p, t, x, y: None)
+
+
+def test_plain_list_observations_are_accepted():
+    """A list of per-step observations is stacked on the time axis (it used to be reported as a
+    scalar)."""
+    model = _sharp_lgssm(1.0).bootstrap([[0.1], [0.2], [0.3]])
+    assert model.num_steps == 3
+    ref = _sharp_lgssm(1.0).bootstrap(jnp.asarray([[0.1], [0.2], [0.3]]))
+    a, b = smc(jax.random.key(1), model, 16), smc(jax.random.key(1), ref, 16)
+    np.testing.assert_array_equal(np.asarray(a.log_evidence), np.asarray(b.log_evidence))
+
+
+def test_nan_in_numpyro_data_is_an_error():
+    import numpyro
+    import numpyro.distributions as dist
+
+    from ppl.numpyro_model import from_numpyro
+
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal())
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = np.array([0.1, np.nan, 0.3, np.nan], np.float32)
+    with pytest.raises(ValueError, match=r"model_args\[0\] contains 2 NaN value\(s\).*index \(1,\)"):
+        from_numpyro(model, y)
+    from_numpyro(model, np.nan_to_num(y))  # fine without NaN
+
+
+def test_int_seed_as_key_is_a_clear_error(lgssm_model):
+    with pytest.raises(TypeError, match=r"jax.random.key"):
+        smc(0, lgssm_model[2], 8)
+
+
+def test_stuck_chains_warn():
+    """Random-walk Metropolis whose proposal is 10^4 times too wide (and no adaptation) accepts
+    almost nothing: the eager call names the stuck chains; a well-tuned run stays silent."""
+    import warnings
+
+    import numpyro.distributions as dist
+
+    from samplers.pmmh import random_walk_metropolis
+
+    def log_lik(key, theta):
+        return -0.5 * jnp.sum((theta["mu"] - 1.0) ** 2) * 100.0
+
+    prior = {"mu": dist.Normal(0.0, 1.0)}
+    kw = dict(num_samples=200, num_warmup=0, num_chains=2, adapt=False)
+    with pytest.warns(RuntimeWarning, match="2 of 2 chain"):
+        res = random_walk_metropolis(jax.random.key(0), log_lik, prior, proposal_cov=1e4 * jnp.eye(1), **kw)
+    assert np.all(np.asarray(res.acceptance_rate) < 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = random_walk_metropolis(jax.random.key(0), log_lik, prior, proposal_cov=0.01 * jnp.eye(1), **kw)
+    assert np.all(np.asarray(res.acceptance_rate) > 0.2)
