@@ -1,32 +1,28 @@
-"""A Markov-chain "language model" on a tiny vocabulary: exact test bed for LLM particle methods.
+"""A Markov-chain "language model" on a tiny vocabulary: the exact test bed of LLM particle methods.
 
 Tokens follow a first-order chain started from the last prompt token,
 P(w_j = v | w_{j-1} = u) = P[u, v]. Generation proceeds in *reasoning steps*: a step appends
 tokens until it emits the delimiter or EOS, or has appended ``max_step_tokens`` tokens; a sequence
 ends at EOS or when its buffer of ``max_length`` tokens (prompt included) is full.
 
-The step potentials of :class:`MarkovLMFeynmanKac` are
+A :class:`MarkovTestBed` specifies one constrained-generation problem: the chain P, a
+:class:`TokenConstraint` Φ(w) = Σ_j φ(w_{j-1}, w_j) + ψ(answer(w)) (per-token rewards or
+penalties, φ[:, k] = λ; hard constraints, φ[k, k] = −inf "no k twice in a row"; ψ a reward on the
+answer, the last non-EOS token), the prompt, the buffer and step sizes, and optionally a proposal
+chain Q that draws the steps. Its target over complete sequences is
 
-    log G_t = Σ_{j new at step t} [φ(w_{j-1}, w_j) + log P[w_{j-1}, w_j] − log Q[w_{j-1}, w_j]]
-              + 1[the sequence finished at step t] ψ(answer(w)),
+    π(w) ∝ P(w | prompt) exp Φ(w),   Z = E_P[exp Φ],
 
-with Q the proposal that draws the steps (Q = P by default, so the bracket's last two terms vanish).
-Their product is exp(Φ(w)) P(w)/Q(w) with Φ(w) = Σ_j φ(w_{j-1}, w_j) + ψ(answer(w)), a function of
-the complete sequence only, not of how it is cut into steps. So the target
-π(w) ∝ P(w | prompt) exp Φ(w) and its evidence Z = E_P[exp Φ] are known exactly, by enumeration or a
-forward recursion (:mod:`models.markov_lm_exact`). φ expresses per-token rewards or penalties
-(φ[:, k] = λ rewards exp(λ · count of k)) and hard constraints (φ[k, k] = −inf: "no k twice in a
-row"); ψ is a reward on the answer, the last non-EOS token (a verifier on the final answer).
+known exactly by enumeration or a forward recursion (:mod:`models.markov_lm_exact`), whatever the
+proposal and however the sequence is cut into steps.
 
-For the search baselines (:mod:`samplers.search`) the model also supplies ``score`` (the
-log-potential so far), ``answer``, ``num_tokens`` and, for single-token steps, ``expand_all``
-(every next token, for deterministic beam search).
-
-A particle mirrors the LLM state-space model: :class:`LMState` = token buffer [N, L] (prompt, then
-generated tokens, then ``PAD``), length, number of steps taken, done flag. Finished particles are
-absorbing: they are not moved and get potential 0. Since a particle holds its whole prefix, the
-step transition x_{t-1} → x_t has positive density only when x_t extends x_{t-1} by exactly one
-valid step (:meth:`MarkovLMFeynmanKac.log_transition`).
+The test bed is a *specification*, not a Feynman-Kac model: its Feynman-Kac model is the one LLM
+model, :class:`~models.llm_fk.ssm.LLMFeynmanKac`, built by
+:func:`models.llm_fk.markov.from_markov_model` (the chain through
+:class:`~models.llm_fk.step_lm.MarkovStepLM`, Φ as a per-step
+:class:`~models.llm_fk.rewards.TokenPairReward` with product aggregation and twisted weights, so
+that log G_t = Σ_{j new at step t} [φ + log P − log Q] + 1[finished at t] ψ). The same model runs
+the transformer; this module only holds the chain, the constraint and the sequence helpers.
 
 References: Lew, Zhi-Xuan, Grand & Mansinghka (2023), "Sequential Monte Carlo steering of large
 language models using probabilistic programs"; Zhao, Brekelmans, Makhzani & Grosse (2024),
@@ -35,52 +31,31 @@ language models using probabilistic programs"; Zhao, Brekelmans, Makhzani & Gros
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
-
-from ppl.feynman_kac import AbstractFeynmanKac
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 __all__ = [
     "PAD",
-    "LMState",
     "MarkovLM",
     "TokenConstraint",
-    "MarkovLMFeynmanKac",
+    "MarkovTestBed",
     "markov_lm",
     "token_constraint",
-    "toy_reasoning_model",
+    "toy_test_bed",
     "generate_step",
-    "sample_sequences",
-    "sequence_log_prob",
-    "total_log_potential",
     "last_token_answer",
     "token_count",
-    "segment_trajectory",
 ]
 
 PAD = -1
 """Token id of unused buffer slots (positions ≥ ``length``)."""
 
-
-class LMState(NamedTuple):
-    """A batch of (partial) sequences: the particle of the LLM-style state-space models.
-
-    Attributes:
-        tokens: [N, L] prompt, then generated tokens, then ``PAD``.
-        length: [N] number of valid tokens (prompt included; EOS included when emitted).
-        num_steps: [N] reasoning steps generated so far.
-        done: [N] finished (EOS emitted or buffer full); absorbing.
-    """
-
-    tokens: Int[Array, "N L"]
-    length: Int[Array, " N"]
-    num_steps: Int[Array, " N"]
-    done: Bool[Array, " N"]
+S = TypeVar("S")
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -218,115 +193,20 @@ def token_constraint(
     return TokenConstraint(jnp.asarray(phi, jnp.float32), jnp.asarray(psi, jnp.float32))
 
 
-# ------------------------------------------------------------------------------------------------
-# Sequence functions (batched over the leading axis)
-# ------------------------------------------------------------------------------------------------
-
-
-def _span_mask(lo: Int[Array, " N"], hi: Int[Array, " N"], max_length: int) -> Bool[Array, "N L"]:
-    pos = jnp.arange(max_length)
-    return (pos >= lo[:, None]) & (pos < hi[:, None])
-
-
-def _pair_sum(
-    table: Float[Array, "V V"],
-    tokens: Int[Array, "N L"],
-    lo: Int[Array, " N"],
-    hi: Int[Array, " N"],
-) -> Float[Array, " N"]:
-    """Σ_{lo ≤ j < hi} table[w_{j-1}, w_j] (requires lo ≥ 1)."""
-    max_length = tokens.shape[1]
-    mask = _span_mask(lo, hi, max_length)[:, 1:]
-    prev = jnp.clip(tokens[:, :-1], 0)
-    cur = jnp.clip(tokens[:, 1:], 0)
-    return jnp.sum(jnp.where(mask, table[prev, cur], 0.0), axis=1)
-
-
-def _token_at(tokens: Int[Array, "N L"], pos: Int[Array, " N"]) -> Int[Array, " N"]:
-    pos = jnp.clip(pos, 0, tokens.shape[1] - 1)
-    return jnp.take_along_axis(tokens, pos[:, None], axis=1)[:, 0]
-
-
-def last_token_answer(states: LMState, eos_id: int) -> Int[Array, " N"]:
-    """The answer of a sequence: its last non-EOS token (the last prompt token if it emitted EOS at
-    once). For unfinished sequences: the last token so far."""
-    tokens, length = jnp.asarray(states.tokens), jnp.asarray(states.length)
-    last = _token_at(tokens, length - 1)
-    before = _token_at(tokens, length - 2)
-    return jnp.where(last == eos_id, before, last)
-
-
-def token_count(states: LMState, token: int, prompt_length: int) -> Int[Array, " N"]:
-    """Number of generated (non-prompt) occurrences of ``token``."""
-    tokens, length = jnp.asarray(states.tokens), jnp.asarray(states.length)
-    span = _span_mask(jnp.full_like(length, prompt_length), length, tokens.shape[1])
-    return jnp.sum(span & (tokens == token), axis=1).astype(jnp.int32)
-
-
-def sequence_log_prob(
-    lm: MarkovLM, states: LMState, prompt_length: int
-) -> Float[Array, " N"]:
-    """log P(generated tokens | prompt) = Σ_{prompt_length ≤ j < length} log P[w_{j-1}, w_j]."""
-    tokens, length = jnp.asarray(states.tokens), jnp.asarray(states.length)
-    return _pair_sum(lm.log_probs, tokens, jnp.full_like(length, prompt_length), length)
-
-
-def generate_step(
-    key: PRNGKeyArray,
-    lm: MarkovLM,
-    states: LMState,
-    *,
-    max_step_tokens: int,
-    stop_at_eos: bool = True,
-) -> LMState:
-    """Append one reasoning step to every unfinished sequence.
-
-    Tokens are drawn from ``lm`` until the delimiter or EOS is emitted, ``max_step_tokens`` tokens
-    were added, or the buffer is full. Finished sequences are returned unchanged.
-    ``stop_at_eos=False`` keeps generating after EOS until the buffer is full (``ignore_eos`` of
-    LLM servers; not a valid language-model law — used to break absorption on purpose in tests).
-    """
-    tokens, length, num_steps, done = states
-    n, max_length = tokens.shape
-    pos = jnp.arange(max_length)
-    active = ~done if stop_at_eos else length < max_length
-
-    def body(_, carry):
-        tokens, length, done, open_, key = carry
-        key, sub = jax.random.split(key)
-        prev = jnp.clip(_token_at(tokens, length - 1), 0)
-        tok = jax.random.categorical(sub, lm.log_probs[prev]).astype(tokens.dtype)
-        tokens = jnp.where(open_[:, None] & (pos == length[:, None]), tok[:, None], tokens)
-        length = length + open_.astype(length.dtype)
-        is_eos = tok == lm.eos_id
-        ended = is_eos | (tok == lm.delimiter_id)
-        full = length >= max_length
-        finished = (is_eos & stop_at_eos) | full
-        done = done | (open_ & finished)
-        open_ = open_ & ~ended & ~full
-        return tokens, length, done, open_, key
-
-    tokens, length, done, _, _ = jax.lax.fori_loop(
-        0, max_step_tokens, body, (tokens, length, done, active, key)
-    )
-    return LMState(tokens, length, num_steps + active.astype(num_steps.dtype), done)
-
 
 # ------------------------------------------------------------------------------------------------
-# The Feynman-Kac model
+# the test bed (a specification; its Feynman-Kac model: models.llm_fk.markov.from_markov_model)
 # ------------------------------------------------------------------------------------------------
 
 
-class MarkovLMFeynmanKac(AbstractFeynmanKac):
-    """Step-level Feynman-Kac model of constrained generation from a :class:`MarkovLM`.
+class MarkovTestBed(eqx.Module):
+    """Constrained generation from a :class:`MarkovLM`: target π(w) ∝ P(w | prompt) exp Φ(w).
 
-    M_0 = prompt then one step, M_t = one more step (drawn from ``proposal`` when given, else from
-    ``lm``), G_t as in the module docstring; ``done`` = EOS emitted or buffer full. The target over
-    complete sequences is π(w) ∝ P(w | prompt) exp Φ(w), whatever the proposal and step sizes.
-
-    Run it with a variable horizon: ``smc(key, model, N, max_steps=model.max_num_steps)`` finishes
-    every particle (each step adds at least one token). Setting ``num_steps`` gives a fixed horizon
-    (``lax.scan``; finished particles just wait), e.g. for reverse-mode gradients.
+    Steps are drawn from ``proposal`` Q when given (importance-corrected by P/Q), else from ``lm``;
+    a step ends at the delimiter or EOS or after ``max_step_tokens`` tokens; a sequence at EOS or
+    when its ``max_length`` buffer (prompt included) is full. Not a Feynman-Kac model: build that
+    with :func:`models.llm_fk.markov.from_markov_model`; the exact answers come from
+    :mod:`models.markov_lm_exact`.
     """
 
     lm: MarkovLM
@@ -335,7 +215,6 @@ class MarkovLMFeynmanKac(AbstractFeynmanKac):
     max_length: int = eqx.field(static=True)
     max_step_tokens: int = eqx.field(static=True)
     proposal: MarkovLM | None = None
-    num_steps: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         v = self.lm.vocab_size
@@ -360,9 +239,6 @@ class MarkovLMFeynmanKac(AbstractFeynmanKac):
             )
         if not isinstance(self.max_step_tokens, int) or self.max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be an int >= 1, got {self.max_step_tokens!r}")
-        steps = self.num_steps
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"num_steps must be None or an int >= 1, got {self.num_steps!r}")
         prompt = _concrete(self.prompt)
         if prompt is not None:
             if np.any(prompt < 0) or np.any(prompt >= v):
@@ -370,7 +246,6 @@ class MarkovLMFeynmanKac(AbstractFeynmanKac):
             if np.any(prompt == self.lm.eos_id):
                 raise ValueError("the prompt must not contain EOS")
 
-    # --- shapes ---------------------------------------------------------------------------------
     @property
     def prompt_length(self) -> int:
         return jnp.shape(self.prompt)[0]
@@ -389,204 +264,93 @@ class MarkovLMFeynmanKac(AbstractFeynmanKac):
         """The chain the steps are drawn from (the proposal, or the lm itself)."""
         return self.lm if self.proposal is None else self.proposal
 
-    def initial_state(self, num: int) -> LMState:
-        """``num`` copies of the prompt, no step taken."""
-        tokens = jnp.full((num, self.max_length), PAD, jnp.int32)
-        tokens = tokens.at[:, : self.prompt_length].set(self.prompt.astype(jnp.int32))
-        return LMState(
-            tokens,
-            jnp.full((num,), self.prompt_length, jnp.int32),
-            jnp.zeros((num,), jnp.int32),
-            jnp.zeros((num,), bool),
-        )
 
-    def answer(self, states: LMState) -> Int[Array, " N"]:
-        """:func:`last_token_answer`."""
-        return last_token_answer(states, self.eos_id)
-
-    # --- search interface (samplers.search) -----------------------------------------------------
-    def score(self, states: LMState) -> Float[Array, " N"]:
-        """Reward of a (partial) sequence for search: its log-potential so far, Σ_{t ≤ now} log G_t
-        (:func:`total_log_potential`; Φ(w) for a complete sequence without proposal)."""
-        return total_log_potential(self, states)
-
-    def num_tokens(self, states: LMState) -> Int[Array, " N"]:
-        """Generated tokens (prompt excluded)."""
-        return (jnp.asarray(states.length) - self.prompt_length).astype(jnp.int32)
-
-    @property
-    def num_children(self) -> int:
-        """Next steps of a sequence for :meth:`expand_all`: V (single-token steps only)."""
-        if self.max_step_tokens != 1:
-            raise ValueError(
-                f"expand_all enumerates single-token steps only (max_step_tokens = 1), this model "
-                f"has max_step_tokens = {self.max_step_tokens}"
-            )
-        return self.lm.vocab_size
-
-    def expand_all(self, states: LMState) -> tuple[LMState, Float[Array, "N V"]]:
-        """Every next step of every sequence, for single-token steps: child ``i * V + v`` appends
-        token v to sequence i (it finishes on EOS or a full buffer); ``log_probs[i, v]`` is its
-        log-probability under the move chain. Children of finished sequences are meaningless
-        (callers keep the finished sequence instead)."""
-        v = self.num_children
-        tokens, length, num_steps, done = states
-        n = tokens.shape[0]
-        parent = jnp.repeat(jnp.arange(n), v)
-        tok = jnp.tile(jnp.arange(v, dtype=tokens.dtype), n)
-        p_tokens, p_length = tokens[parent], length[parent]
-        pos = jnp.arange(self.max_length)
-        at = (pos[None, :] == p_length[:, None]) & (p_length[:, None] < self.max_length)
-        c_tokens = jnp.where(at, tok[:, None], p_tokens)
-        c_length = jnp.minimum(p_length + 1, self.max_length)
-        c_done = (tok == self.eos_id) | (c_length >= self.max_length)
-        children = LMState(c_tokens, c_length, num_steps[parent] + 1, c_done)
-        last = jnp.clip(_token_at(tokens, length - 1), 0)
-        return children, self.move_lm.log_probs[last]
-
-    # --- Feynman-Kac protocol -------------------------------------------------------------------
-    def init(self, key: PRNGKeyArray, num_particles: int) -> LMState:
-        return self.move(key, jnp.asarray(0, jnp.int32), self.initial_state(num_particles))
-
-    def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: LMState) -> LMState:
-        return generate_step(key, self.move_lm, particles, max_step_tokens=self.max_step_tokens)
-
-    def _increment_table(self) -> Float[Array, "V V"]:
-        table = self.constraint.log_pair
-        if self.proposal is not None:
-            ratio = self.lm.log_probs - self.proposal.log_probs
-            # pairs the proposal never draws carry no weight (avoid −inf − −inf = NaN)
-            table = table + jnp.where(self.proposal.log_probs > -jnp.inf, ratio, 0.0)
-        return table
-
-    def log_potential(
-        self, t: Int[Array, ""], previous: LMState | None, particles: LMState
-    ) -> Float[Array, " N"]:
-        """log G_t: pair potentials (and P/Q) of the tokens added at step t, plus ψ(answer) when
-        the sequence finished at step t. 0 for a particle that was already finished."""
-        length = particles.length
-        if previous is None:
-            lo = jnp.full_like(length, self.prompt_length)
-            was_done = jnp.zeros_like(particles.done)
-        else:
-            lo, was_done = previous.length, previous.done
-        log_g = _pair_sum(self._increment_table(), particles.tokens, lo, length)
-        just_done = particles.done & ~was_done
-        final = self.constraint.log_final[self.answer(particles)]
-        return log_g + jnp.where(just_done, final, 0.0)
-
-    def log_transition(
-        self, t: Int[Array, ""], previous: LMState, particles: LMState
-    ) -> Float[Array, " N"]:
-        """log M_t(previous → particles) pairwise: the step's log-probability under the move chain
-        if ``particles`` extends ``previous`` by exactly one step, 0 if ``previous`` is finished
-        and ``particles`` equals it, else −inf."""
-        tokens, hi = particles.tokens, particles.length
-        lo = previous.length
-        pos = jnp.arange(self.max_length)
-        same_prefix = jnp.all(
-            jnp.where(pos < lo[:, None], tokens == previous.tokens, True), axis=1
-        )
-        identical = (
-            jnp.all(tokens == previous.tokens, axis=1)
-            & (hi == lo)
-            & (particles.num_steps == previous.num_steps)
-            & particles.done
-        )
-        delim, eos = self.lm.delimiter_id, self.lm.eos_id
-        n_new = hi - lo
-        is_stop = (tokens == delim) | (tokens == eos)
-        interior = _span_mask(lo, hi - 1, self.max_length)
-        last = _token_at(tokens, hi - 1)
-        full = hi >= self.max_length
-        closes = (last == delim) | (last == eos) | (n_new == self.max_step_tokens) | full
-        valid = (
-            same_prefix
-            & (n_new >= 1)
-            & (n_new <= self.max_step_tokens)
-            & ~jnp.any(interior & is_stop, axis=1)
-            & closes
-            & (particles.done == ((last == eos) | full))
-            & (particles.num_steps == previous.num_steps + 1)
-        )
-        log_m = _pair_sum(self.move_lm.log_probs, tokens, lo, hi)
-        return jnp.where(
-            previous.done,
-            jnp.where(identical, 0.0, -jnp.inf),
-            jnp.where(valid, log_m, -jnp.inf),
-        )
-
-    def done(self, particles: LMState) -> Bool[Array, " N"]:
-        return particles.done
+# ------------------------------------------------------------------------------------------------
+# sequence functions (batched over the leading axis)
+# ------------------------------------------------------------------------------------------------
 
 
-def total_log_potential(model: MarkovLMFeynmanKac, states: LMState) -> Float[Array, " N"]:
-    """Σ_t log G_t of complete sequences: Φ(w) + log P(w)/Q(w) (Φ(w) without a proposal)."""
-    length = jnp.asarray(states.length)
-    tokens = jnp.asarray(states.tokens)
-    lo = jnp.full_like(length, model.prompt_length)
-    log_g = _pair_sum(model._increment_table(), tokens, lo, length)
-    final = model.constraint.log_final[last_token_answer(states, model.eos_id)]
-    return log_g + jnp.where(jnp.asarray(states.done), final, 0.0)
+def _token_at(tokens: Int[Array, "N L"], pos: Int[Array, " N"]) -> Int[Array, " N"]:
+    pos = jnp.clip(pos, 0, tokens.shape[1] - 1)
+    return jnp.take_along_axis(tokens, pos[:, None], axis=1)[:, 0]
 
 
-def sample_sequences(
-    key: PRNGKeyArray, model: MarkovLMFeynmanKac, num_samples: int
-) -> LMState:
-    """Draw complete sequences from the move chain (the LM prior without a proposal); potentials
-    ignored. Best-of-N and importance sampling weigh them with :func:`total_log_potential`."""
-
-    def body(t, carry):
-        key, states = carry
-        key, sub = jax.random.split(key)
-        return key, model.move(sub, jnp.asarray(t, jnp.int32), states)
-
-    k0, k1 = jax.random.split(key)
-    states = model.init(k0, num_samples)
-    _, states = jax.lax.fori_loop(1, model.max_num_steps, body, (k1, states))
-    return states
+def last_token_answer(
+    tokens: Int[ArrayLike, "N L"], lengths: Int[ArrayLike, " N"], eos_id: int
+) -> Int[Array, " N"]:
+    """The answer of a sequence: its last non-EOS token (the last prompt token if it emitted EOS at
+    once). For unfinished sequences: the last token so far."""
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    last = _token_at(tokens, lengths - 1)
+    before = _token_at(tokens, lengths - 2)
+    return jnp.where(last == eos_id, before, last).astype(jnp.int32)
 
 
-def segment_trajectory(
-    model: MarkovLMFeynmanKac, final: LMState, horizon: int
-) -> LMState:
-    """The states x_0, ..., x_{horizon-1} after each step of one sequence (leaves without a
-    particle axis), e.g. as the ``reference`` of conditional SMC. The step boundaries are recomputed
-    from the tokens (delimiter, EOS, ``max_step_tokens``, full buffer); after the last step the
-    finished state repeats (absorption). Leaves of the result: tokens [T, L], others [T]."""
-    tokens = jnp.asarray(final.tokens)
-    length = jnp.asarray(final.length)
-    p, cap, max_length = model.prompt_length, model.max_step_tokens, model.max_length
-    delim, eos = model.lm.delimiter_id, model.lm.eos_id
+def token_count(
+    tokens: Int[ArrayLike, "N L"],
+    lengths: Int[ArrayLike, " N"],
+    token: int,
+    prompt_lengths: int | Int[ArrayLike, " N"],
+) -> Int[Array, " N"]:
+    """Number of generated (non-prompt) occurrences of ``token``."""
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    lo = jnp.broadcast_to(jnp.asarray(prompt_lengths), lengths.shape)
+    pos = jnp.arange(tokens.shape[1])
+    span = (pos[None, :] >= lo[:, None]) & (pos[None, :] < lengths[:, None])
+    return jnp.sum(span & (tokens == token), axis=1).astype(jnp.int32)
 
-    def scan_fn(carry, tok):
-        step, count, prev_stop = carry
-        new = prev_stop | (count == cap)
-        step = jnp.where(new, step + 1, step)
-        count = jnp.where(new, 1, count + 1)
-        return (step, count, (tok == delim) | (tok == eos)), step
 
-    init = (jnp.asarray(-1), jnp.asarray(0), jnp.asarray(True))
-    _, step_of = jax.lax.scan(scan_fn, init, tokens[p:])
-    valid = jnp.arange(p, max_length) < length
-    total = jnp.max(jnp.where(valid, step_of, -1)) + 1
-    ts = jnp.arange(horizon)
-    len_t = p + jnp.sum(valid[None, :] & (step_of[None, :] <= ts[:, None]), axis=1)
+def generate_step(
+    key: PRNGKeyArray,
+    lm: MarkovLM,
+    state: S,
+    *,
+    max_step_tokens: int,
+    stop_at_eos: bool = True,
+) -> S:
+    """Append one reasoning step to every unfinished sequence of ``state``, any NamedTuple with
+    ``tokens`` [N, L] (``PAD`` past the length), ``lengths`` [N] and ``done`` [N] (e.g.
+    :class:`~models.llm_fk.step_lm.MarkovDecodeState`); the other fields are kept.
+
+    Tokens are drawn from ``lm`` until the delimiter or EOS is emitted, ``max_step_tokens`` tokens
+    were added, or the buffer is full (then the row is done; at EOS too). Finished sequences are
+    returned unchanged. ``stop_at_eos=False`` keeps generating after EOS until the buffer is full
+    (``ignore_eos`` of LLM servers; not a valid language-model law — to break absorption on purpose
+    in tests).
+    """
+    tokens, length, done = state.tokens, state.lengths, state.done
+    max_length = tokens.shape[1]
     pos = jnp.arange(max_length)
-    tok_t = jnp.where(pos[None, :] < len_t[:, None], tokens[None, :], PAD)
-    return LMState(
-        tok_t.astype(jnp.int32),
-        len_t.astype(jnp.int32),
-        jnp.minimum(ts + 1, total).astype(jnp.int32),
-        jnp.asarray(final.done) & (ts + 1 >= total),
+    active = ~done if stop_at_eos else length < max_length
+
+    def body(_, carry):
+        tokens, length, done, open_, key = carry
+        key, sub = jax.random.split(key)
+        prev = jnp.clip(_token_at(tokens, length - 1), 0)
+        tok = jax.random.categorical(sub, lm.log_probs[prev]).astype(tokens.dtype)
+        tokens = jnp.where(open_[:, None] & (pos == length[:, None]), tok[:, None], tokens)
+        length = length + open_.astype(length.dtype)
+        is_eos = tok == lm.eos_id
+        ended = is_eos | (tok == lm.delimiter_id)
+        full = length >= max_length
+        finished = (is_eos & stop_at_eos) | full
+        done = done | (open_ & finished)
+        open_ = open_ & ~ended & ~full
+        return tokens, length, done, open_, key
+
+    tokens, length, done, _, _ = jax.lax.fori_loop(
+        0, max_step_tokens, body, (tokens, length, done, active, key)
     )
+    return state._replace(tokens=tokens, lengths=length, done=done)
 
 
-def toy_reasoning_model(*, proposal: bool = False) -> MarkovLMFeynmanKac:
+def toy_test_bed(*, proposal: bool = False, max_step_tokens: int = 3) -> MarkovTestBed:
     """The standard exact test bed: V = 5 tokens ``a b c . <eos>``, prompt ``.``, at most 6
-    generated tokens in steps of at most 3 tokens ended by ``.``; the constraint rewards each ``a``
-    by e^0.5, forbids ``b b`` and rewards the answers ``c`` (e^1.5) and ``b`` (e^-1). There are 5461
-    complete sequences. ``proposal=True`` draws steps from a flatter chain (importance-corrected).
+    generated tokens in steps of at most ``max_step_tokens`` (3) tokens ended by ``.``; the
+    constraint rewards each ``a`` by e^0.5, forbids ``b b`` and rewards the answers ``c`` (e^1.5)
+    and ``b`` (e^-1). There are 5461 complete sequences. ``proposal=True`` draws steps from a
+    flatter chain (importance-corrected). Its Feynman-Kac model:
+    :func:`models.llm_fk.markov.toy_reasoning_model`.
     """
     probs = np.array(
         [
@@ -608,11 +372,11 @@ def toy_reasoning_model(*, proposal: bool = False) -> MarkovLMFeynmanKac:
     q = None
     if proposal:
         q = markov_lm(0.5 * probs + 0.5 / 5, eos_id=4, delimiter_id=3, token_names=names)
-    return MarkovLMFeynmanKac(
+    return MarkovTestBed(
         lm=lm,
         constraint=constraint,
         prompt=jnp.asarray([3], jnp.int32),
         max_length=7,
-        max_step_tokens=3,
+        max_step_tokens=max_step_tokens,
         proposal=q,
     )

@@ -1,5 +1,6 @@
-"""Exact answers for :mod:`models.markov_lm`: enumeration of all complete sequences and a forward
-recursion, in float64 NumPy, independent of the JAX sampling code.
+"""Exact answers for a :class:`~models.markov_lm.MarkovTestBed`: enumeration of all complete
+sequences and a forward recursion, in float64 NumPy, independent of the JAX sampling code (the
+test bed's Feynman-Kac model, :func:`models.llm_fk.markov.from_markov_model`).
 
 The target over complete sequences w (generated after the prompt) is
 
@@ -12,19 +13,24 @@ V − 1 non-EOS tokens there are Σ_{k<G} (V−1)^k + (V−1)^G of them (5461 fo
 The forward recursion carries α_k(v) = Σ over non-finished prefixes of k generated tokens ending in
 v of P · exp Σφ — the standard forward algorithm for a Markov chain — and collects the mass that
 finishes at each k by answer, giving Z and the posterior of the last-token answer in O(G V²).
+
+Sampled sequences (the particles of the Feynman-Kac model, :class:`~models.llm_fk.ssm.LLMParticle`,
+whose token buffers ``particles.lm.tokens`` have the same layout: prompt, tokens, ``PAD``) are
+located in the enumeration by :func:`sequence_index`.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from models.markov_lm import PAD, LMState, MarkovLMFeynmanKac
+from models.markov_lm import PAD, MarkovTestBed
 
 __all__ = [
+    "Sequences",
     "ExactPosterior",
     "enumerate_sequences",
     "exact_posterior",
@@ -34,25 +40,40 @@ __all__ = [
 ]
 
 
+class Sequences(NamedTuple):
+    """Complete sequences (NumPy arrays, S rows).
+
+    Attributes:
+        tokens: [S, L] prompt, generated tokens (the last one EOS unless the buffer is full), then
+            ``PAD`` — the layout of the step LM's token buffer.
+        lengths: [S] valid tokens, prompt included.
+        num_steps: [S] reasoning steps the sequence is generated in.
+    """
+
+    tokens: Int[np.ndarray, "S L"]
+    lengths: Int[np.ndarray, " S"]
+    num_steps: Int[np.ndarray, " S"]
+
+
 class ExactPosterior(NamedTuple):
     """Every complete sequence with its prior, potential and posterior probability (float64).
 
     Attributes:
-        states: :class:`~models.markov_lm.LMState` with S rows (NumPy arrays), all ``done``.
+        states: the :class:`Sequences` (S rows).
         log_prior: log P(w | prompt), sums (in probability) to 1.
         log_potential: Φ(w).
         log_evidence: log Z.
         probs: π(w).
     """
 
-    states: LMState
+    states: Sequences
     log_prior: Float[np.ndarray, " S"]
     log_potential: Float[np.ndarray, " S"]
     log_evidence: float
     probs: Float[np.ndarray, " S"]
 
 
-def _parameters(model: MarkovLMFeynmanKac):
+def _parameters(model: MarkovTestBed):
     log_p = np.asarray(model.lm.log_probs, np.float64)
     phi = np.asarray(model.constraint.log_pair, np.float64)
     psi = np.asarray(model.constraint.log_final, np.float64)
@@ -70,8 +91,8 @@ def _segment_count(gen: np.ndarray, delim: int, eos: int, cap: int) -> int:
     return steps
 
 
-def enumerate_sequences(model: MarkovLMFeynmanKac, max_sequences: int = 200_000) -> LMState:
-    """All complete sequences as an :class:`LMState` of NumPy arrays (prompt included, padded)."""
+def enumerate_sequences(model: MarkovTestBed, max_sequences: int = 200_000) -> Sequences:
+    """All complete sequences of the test bed (prompt included, padded)."""
     v, eos = model.lm.vocab_size, model.lm.eos_id
     p, max_length = model.prompt_length, model.max_length
     g = max_length - p
@@ -107,19 +128,14 @@ def enumerate_sequences(model: MarkovLMFeynmanKac, max_sequences: int = 200_000)
             for s in range(count)
         ]
     )
-    return LMState(
-        tokens.astype(np.int32),
-        length.astype(np.int32),
-        steps.astype(np.int32),
-        np.ones(count, bool),
-    )
+    return Sequences(tokens.astype(np.int32), length.astype(np.int32), steps.astype(np.int32))
 
 
-def exact_posterior(model: MarkovLMFeynmanKac, max_sequences: int = 200_000) -> ExactPosterior:
+def exact_posterior(model: MarkovTestBed, max_sequences: int = 200_000) -> ExactPosterior:
     """Enumerate the complete sequences and return the exact posterior and evidence."""
     log_p, phi, psi, prompt = _parameters(model)
     states = enumerate_sequences(model, max_sequences)
-    tokens, length = states.tokens.astype(np.int64), states.length.astype(np.int64)
+    tokens, length = states.tokens.astype(np.int64), states.lengths.astype(np.int64)
     p, eos = model.prompt_length, model.lm.eos_id
     pos = np.arange(1, model.max_length)
     mask = (pos[None, :] >= p) & (pos[None, :] < length[:, None])
@@ -139,11 +155,11 @@ def exact_posterior(model: MarkovLMFeynmanKac, max_sequences: int = 200_000) -> 
 
 def exact_answer_posterior(
     exact: ExactPosterior,
-    answer_fn: Callable[[LMState], Int[Array, " S"]],
+    answer_fn: Callable[[Sequences], Int[Array, " S"]],
     num_answers: int,
 ) -> Float[np.ndarray, " K"]:
-    """π(answer = k), k < ``num_answers``, for an integer answer function of an :class:`LMState`
-    (e.g. ``model.answer`` or ``lambda s: token_count(s, 0, P)``)."""
+    """π(answer = k), k < ``num_answers``, for an integer answer function of the
+    :class:`Sequences` (e.g. ``lambda s: token_count(s.tokens, s.lengths, 0, P)``)."""
     answers = np.asarray(answer_fn(exact.states)).astype(np.int64)
     if answers.shape != exact.probs.shape:
         raise ValueError(f"answer_fn must return one integer per sequence, got {answers.shape}")
@@ -153,7 +169,7 @@ def exact_answer_posterior(
     return np.bincount(answers, weights=exact.probs, minlength=num_answers)
 
 
-def forward_answer_posterior(model: MarkovLMFeynmanKac) -> tuple[float, Float[np.ndarray, " V"]]:
+def forward_answer_posterior(model: MarkovTestBed) -> tuple[float, Float[np.ndarray, " V"]]:
     """Forward recursion: (log Z, posterior of the last-token answer [V]), without enumeration."""
     log_p, phi, psi, prompt = _parameters(model)
     eos = model.lm.eos_id
@@ -174,9 +190,13 @@ def forward_answer_posterior(model: MarkovLMFeynmanKac) -> tuple[float, Float[np
     return float(np.log(z)), mass / z
 
 
-def sequence_index(exact: ExactPosterior, states: LMState) -> Int[np.ndarray, " N"]:
-    """Row of each sequence of ``states`` in ``exact.states`` (matched on tokens; −1 if absent,
-    e.g. an unfinished sequence or one with a wrongly placed EOS)."""
+def sequence_index(exact: ExactPosterior, sequences: Any) -> Int[np.ndarray, " N"]:
+    """Row of each sequence in ``exact.states`` (matched on tokens; −1 if absent, e.g. an
+    unfinished sequence or one with a wrongly placed EOS). ``sequences``: particles of the
+    Feynman-Kac model (:class:`~models.llm_fk.ssm.LLMParticle`, tokens in ``.lm.tokens``), a
+    decoding state or :class:`Sequences` (``.tokens``), or a token array [N, L]."""
+    toks = getattr(sequences, "lm", sequences)
+    toks = np.asarray(getattr(toks, "tokens", toks), np.int32)
     table = {row.tobytes(): i for i, row in enumerate(np.asarray(exact.states.tokens, np.int32))}
-    toks = np.asarray(states.tokens, np.int32)
-    return np.array([table.get(row.tobytes(), -1) for row in toks], np.int64)
+    return np.array([table.get(row.tobytes(), -1) for row in toks.reshape(-1, toks.shape[-1])],
+                    np.int64)

@@ -30,7 +30,7 @@ import numpyro.distributions as dist
 import pytest
 
 from models.linear_gaussian import LGSSMParams, lgssm
-from models.markov_lm import toy_reasoning_model
+from models.llm_fk.markov import toy_reasoning_model
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.numpyro_model import from_numpyro
 from ppl.state_space import StateSpaceModel
@@ -153,12 +153,13 @@ def _smc_lgssm(**kwargs) -> Entry:
 
 
 def _smc_markov_lm() -> Entry:
-    model = toy_reasoning_model()
+    model = toy_reasoning_model()  # an LLMFeynmanKac on the Markov-chain LM
 
     def run(key):
         res = smc(key, model, N, max_steps=model.max_num_steps)
-        return Outputs(res.particles, finite=(res.log_evidence, res.particles),
-                       not_nan=(res.log_weights, res.ess[0]))
+        # a particle's log rewards are −inf once it breaks the hard constraint ('b b')
+        return Outputs(res.particles, finite=(res.log_evidence, res.particles.lm),
+                       not_nan=(res.log_weights, res.ess[0], res.particles))
 
     return Entry(run, _one_particle(model), (N,))
 
@@ -250,9 +251,10 @@ def _search(method: Callable, *args, lead: int, scored: bool = True) -> Entry:
     def run(key):
         res = method(key, model, *args, max_steps=model.max_num_steps)
         c = res.compute
-        return Outputs(res.particles, finite=(res.particles, c.tokens_generated, c.reward_calls,
+        # forbidden sequences ('b b') have −inf scores and log rewards
+        return Outputs(res.particles, finite=(res.particles.lm, c.tokens_generated, c.reward_calls,
                                               c.num_steps, c.wall_time_s),
-                       not_nan=res.scores if scored else ())
+                       not_nan=(res.particles, res.scores) if scored else res.particles)
 
     return Entry(run, _one_particle(model), (lead,))
 

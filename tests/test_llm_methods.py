@@ -29,7 +29,7 @@ from app.methods import (
 )
 from models.llm import ModelConfig, forward_logits, init_random
 from models.llm_fk.ssm import LLMFeynmanKac
-from models.markov_lm import toy_reasoning_model
+from models.markov_lm import toy_test_bed
 
 QUESTION, YES, NO = (5, 6, 7), (8,), (9,)
 PROMPT = [1, 2, 3]
@@ -113,7 +113,7 @@ def _answer(ids):
 
 @pytest.mark.slow
 def test_run_method_every_method_on_markov_lm():
-    lm = MarkovStepLM(toy_reasoning_model().lm)
+    lm = MarkovStepLM(toy_test_bed().lm)
     common = dict(answer_fn=_answer, max_steps=6, max_step_tokens=3, max_new_tokens=6,
                   temperature=0.5, pg_iterations=2, num_chains=2)
     for method in METHODS:
@@ -216,7 +216,7 @@ def test_a_new_method_is_one_class():
             res = ParticleFilter().run(ctx._replace(selection="argmax"))
             return res._replace(method=self.name)
 
-    lm = MarkovStepLM(toy_reasoning_model().lm)
+    lm = MarkovStepLM(toy_test_bed().lm)
     res = run_method(ArgmaxPF(), jax.random.key(0), lm, [3], ProgrammaticStepVerifier(_step_score), 4,
                      answer_fn=_answer, max_steps=6, max_step_tokens=3, max_new_tokens=6)
     assert res.method == "pf-argmax" and res.weights[int(np.argmax(res.weights))] == max(res.weights)

@@ -43,7 +43,7 @@ from models.llm_fk.strategies import (
     TwistedWeighting,
 )
 from models.llm_fk.step_lm import MarkovStepLM
-from models.markov_lm import MarkovLMFeynmanKac, token_constraint, toy_reasoning_model
+from models.markov_lm import token_constraint, toy_test_bed
 from models.markov_lm_exact import enumerate_sequences, forward_answer_posterior
 from samplers.smc import smc
 
@@ -92,9 +92,9 @@ class Exact:
     """Every complete sequence with its prior, answer and per-step rewards."""
 
     def __init__(self):
-        toy = toy_reasoning_model(proposal=True)
+        toy = toy_test_bed(proposal=True)
         states = enumerate_sequences(toy)
-        tok, length = states.tokens.astype(np.int64), states.length.astype(np.int64)
+        tok, length = states.tokens.astype(np.int64), states.lengths.astype(np.int64)
         log_p_tab = np.asarray(toy.lm.log_probs, np.float64)
         log_q_tab = np.asarray(toy.proposal.log_probs, np.float64)
         self.num = len(length)
@@ -151,7 +151,7 @@ def exact():
 
 
 def _build(proposal: bool):
-    toy = toy_reasoning_model(proposal=proposal)
+    toy = toy_test_bed(proposal=proposal)
     return LLMFeynmanKac.build(
         MarkovStepLM(toy.lm, toy.proposal), [DOT], TokenPairReward(PHI, PSI), max_steps=6,
         max_step_tokens=3, max_new_tokens=6, temperature=1.0 / BETA, answer_ids_fn=last_answer,
@@ -195,11 +195,8 @@ def test_exact_reference_matches_forward_recursion(exact):
     """The twisted target p(x) R(x)^β of the reward is a Markov-LM constraint (β φ, β ψ): its log Z
     and answer law by the forward recursion equal our enumeration; the product of step rewards is
     the prefix reward (aggregation 'product' targets the same law)."""
-    toy = toy_reasoning_model()
     c = token_constraint(5, pair_log_potential=BETA * PHI, answer_log_reward=BETA * PSI)
-    mlm = MarkovLMFeynmanKac(lm=toy.lm, constraint=c, prompt=toy.prompt, max_length=7,
-                             max_step_tokens=3)
-    log_z_fwd, ans_fwd = forward_answer_posterior(mlm)
+    log_z_fwd, ans_fwd = forward_answer_posterior(dataclasses.replace(toy_test_bed(), constraint=c))
     log_z, ans = exact.twisted(BETA)
     assert exact.num == 5461
     np.testing.assert_allclose(log_z, log_z_fwd, atol=1e-10)
@@ -501,51 +498,27 @@ def test_pg_check_rejects_unpinned_reference(base_model, draws, exact, monkeypat
     assert not ok, f"unpinned reference not detected ({worst:.2f} se)"
 
 
-def _temper_constraint(model, beta):
-    c = model.constraint
-    return eqx.tree_at(lambda m: (m.constraint.log_pair, m.constraint.log_final), model,
-                       (beta * c.log_pair, beta * c.log_final))
-
-
-def _record_markov(path):
-    last = jax.tree.map(lambda x: x[-1:], path)
-    return last_answer(last.tokens, last.length)[0]
+GENERIC_REPS = 512
 
 
 @eqx.filter_jit
 def _generic_pt(model, betas, paths, key):
     def one(k, p):
-        return pt.parallel_tempering_pg(k, model, betas, p, N_PG, 2, tempered=_temper_constraint,
-                                        max_steps=model.max_num_steps, record_fn=_record_markov)
+        return pt.parallel_tempering_pg(k, model, betas, p, N_PG, 2, tempered=_temper,
+                                        max_steps=model.max_num_steps, record_fn=_record_answer)
 
-    out = jax.vmap(one)(jax.random.split(key, paths.tokens.shape[0]), paths)
+    out = jax.vmap(one)(jax.random.split(key, paths.num_steps.shape[0]), paths)
     return out.records[:, -1]
 
 
 @pytest.mark.slow
-def test_ptpg_generic_on_markov_feynman_kac_model():
-    """The generic path (no ``path_fn``: genealogy of ``samplers.particle_gibbs.csmc_kernel``) on
-    the original MarkovLMFeynmanKac, chains tempering its constraint potentials: exact draws of
-    every tempered posterior stay exact."""
-    from models.markov_lm import segment_trajectory
-    from models.markov_lm_exact import exact_posterior
-
-    toy = toy_reasoning_model()
-    betas = (1.0, 0.5)
-    rng = np.random.default_rng(0)
-    reps = 512
-    start, probs = [], []
-    for b in betas:
-        ex = exact_posterior(_temper_constraint(toy, b))
-        probs.append(np.bincount(np.asarray(toy.answer(jax.tree.map(jnp.asarray, ex.states))),
-                                 weights=ex.probs, minlength=5)[:K_ANSWERS])
-        start.append(rng.choice(ex.probs.size, size=reps, p=ex.probs / ex.probs.sum()))
-    states = jax.tree.map(jnp.asarray, ex.states)  # same enumeration order for every β
-    idx = jnp.asarray(np.stack(start, 1))  # [reps, C]
-    finals = jax.tree.map(lambda x: x[idx], states)
-    paths = jax.vmap(jax.vmap(lambda s: segment_trajectory(toy, s, toy.max_num_steps)))(finals)
-    end = np.asarray(_generic_pt(toy, jnp.asarray(betas), paths, jax.random.key(5)))
-    ok, worst = draws_check(end.T, np.stack(probs))
+def test_ptpg_generic_path_leaves_tempered_posteriors_invariant(base_model, draws, exact_pt):
+    """The generic path (no ``path_fn``: the new reference is drawn from the genealogy of
+    ``samplers.particle_gibbs.csmc_kernel``, which stores the whole particle history): chains
+    started from exact draws stay exact."""
+    paths = jax.tree.map(lambda x: x[:GENERIC_REPS], draws[0])
+    end = np.asarray(_generic_pt(base_model, jnp.asarray(PT_BETAS), paths, jax.random.key(5)))
+    ok, worst = draws_check(end.T, exact_pt)
     assert ok, f"generic PT-PG does not preserve the tempered posteriors ({worst:.2f} se)"
 
 
@@ -624,7 +597,7 @@ def _module_containers():
 
     out = {}
     for name, mod in list(sys.modules.items()):
-        if not (name.startswith("models.llm_fk") or name.startswith("app") or name == "models.markov_lm"):
+        if not (name.startswith("models.llm_fk") or name.startswith("app") or name.startswith("models.markov_lm")):
             continue
         for attr, v in vars(mod).items():
             if isinstance(v, (dict, list, set)) and not attr.startswith("__"):

@@ -125,9 +125,9 @@ def test_models_differing_in_beta_share_one_program():
     from models.llm_fk.rewards import TokenPairReward
     from models.llm_fk.ssm import LLMFeynmanKac
     from models.llm_fk.step_lm import MarkovStepLM
-    from models.markov_lm import toy_reasoning_model
+    from models.markov_lm import toy_test_bed
 
-    toy = toy_reasoning_model()
+    toy = toy_test_bed()
     m = LLMFeynmanKac.build(MarkovStepLM(toy.lm), [3], TokenPairReward(np.zeros((5, 5))), max_steps=3,
                             max_step_tokens=2)
     hot = m.with_inv_temperature(0.25)

@@ -1,5 +1,9 @@
 """Search baselines (samplers.search) on the Markov-chain language model, against exact laws.
 
+The model is the one LLM Feynman-Kac model (models.llm_fk.ssm.LLMFeynmanKac) of the Markov test bed
+(models.llm_fk.markov.from_markov_model): its search score is log R_t = Φ of the prefix, and with
+single-token steps it enumerates every next token (``expand_all``) for deterministic beam search.
+
 Every stochastic check compares the method's output law over R independent runs (one compiled call,
 ``lax.map`` over the keys) with a law computed exactly from the enumeration of all 5461 complete sequences of
 the toy model (models.markov_lm_exact), cell by cell with a multinomial standard error and a
@@ -10,6 +14,8 @@ that the same check rejects it. Deterministic beam search is checked for exact e
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,14 +25,8 @@ import scipy.special
 import scipy.stats
 from jax.tree_util import Partial
 
-from models.markov_lm import (
-    PAD,
-    MarkovLMFeynmanKac,
-    markov_lm,
-    sequence_log_prob,
-    total_log_potential,
-    toy_reasoning_model,
-)
+from models.llm_fk.markov import from_markov_model
+from models.markov_lm import PAD, markov_lm, toy_test_bed
 from models.markov_lm_exact import exact_posterior, sequence_index
 from samplers.search import (
     SearchAdapter,
@@ -133,7 +133,7 @@ class Cells:
 def _tokens_of(result, which=None):
     """Token buffers of the selected particle of each run ([R, L]) or, with which="all", of every
     final particle ([R·P, L])."""
-    tok = np.asarray(result.particles.tokens)
+    tok = np.asarray(result.particles.lm.tokens)
     if which == "all":
         tok = tok.reshape(-1, tok.shape[-1])
     else:
@@ -142,15 +142,15 @@ def _tokens_of(result, which=None):
 
 
 def _answers_of(states):
-    tok, length = np.asarray(states.tokens), np.asarray(states.length)
+    tok, length = np.asarray(states.tokens), np.asarray(states.lengths)
     rows = np.arange(len(length))
     last = tok[rows, length - 1]
     return np.where(last == EOS, tok[rows, length - 2], last)
 
 
-def _generated(states, prompt_length):
+def _generated(particles, prompt_length):
     """Generated tokens counted from the buffers (independently of ``num_tokens``)."""
-    return (np.asarray(states.tokens)[..., prompt_length:] != PAD).sum(-1)
+    return (np.asarray(particles.lm.tokens)[..., prompt_length:] != PAD).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,19 +158,16 @@ def _generated(states, prompt_length):
 # ------------------------------------------------------------------------------------------------
 
 
-def _token_model(model):
-    """The toy model with single-token steps (so ``expand_all`` enumerates the V next tokens)."""
-    return MarkovLMFeynmanKac(lm=model.lm, constraint=model.constraint, prompt=model.prompt,
-                              max_length=model.max_length, max_step_tokens=1)
+def _token_bed(bed):
+    """The toy test bed with single-token steps (so ``expand_all`` enumerates the V next tokens)."""
+    return dataclasses.replace(bed, max_step_tokens=1)
 
 
-def _vote_model(model):
-    """The toy model with a chain whose answer law has a clear mode (c: 0.375) for voting."""
+def _vote_bed(bed):
+    """The toy test bed with a chain whose answer law has a clear mode (c: 0.375) for voting."""
     row = [0.20, 0.15, 0.35, 0.15, 0.15]
     probs = np.array([row, row, row, [0.25, 0.20, 0.35, 0.10, 0.10], [0.2] * 5])
-    lm = markov_lm(probs, eos_id=EOS, delimiter_id=3)
-    return MarkovLMFeynmanKac(lm=lm, constraint=model.constraint, prompt=model.prompt,
-                              max_length=model.max_length, max_step_tokens=3)
+    return dataclasses.replace(bed, lm=markov_lm(probs, eos_id=EOS, delimiter_id=3))
 
 
 def _signed_score(sign, model, states):
@@ -184,22 +181,28 @@ def _signed(model, sign):
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return toy_reasoning_model()
+def bed():
+    return toy_test_bed()
 
 
 @pytest.fixture(scope="module")
-def exact(toy):
-    return exact_posterior(toy)
+def toy(bed):
+    """The test bed's Feynman-Kac model (an LLMFeynmanKac)."""
+    return from_markov_model(bed)
 
 
 @pytest.fixture(scope="module")
-def rows(toy, exact):
+def exact(bed):
+    return exact_posterior(bed)
+
+
+@pytest.fixture(scope="module")
+def rows(bed, exact):
     """Per complete sequence: prior probability, Φ, answer, generated tokens (as a tuple)."""
     prior = np.exp(exact.log_prior)
     answers = _answers_of(exact.states)
-    p = toy.prompt_length
-    tok, length = exact.states.tokens, exact.states.length
+    p = bed.prompt_length
+    tok, length = exact.states.tokens, exact.states.lengths
     keys = [tuple(tok[i, p:length[i]].tolist()) for i in range(len(length))]
     return dict(prior=prior, phi=exact.log_potential, answer=answers, key=keys, exact=exact)
 
@@ -243,7 +246,7 @@ def test_best_of_n_law_is_argmax_of_n(bon_runs, rows, toy):
     good, _ = bon_runs
     ok, tv, zmax = _bon_check(good, rows)
     assert ok, (tv, zmax)
-    idx = sequence_index(rows["exact"], type(good.particles)(_tokens_of(good), None, None, None))
+    idx = sequence_index(rows["exact"], _tokens_of(good))
     np.testing.assert_array_equal(good.scores[np.arange(BON_R), good.selected], rows["phi"][idx])
     assert not good.reached_max_steps.any() and (good.num_nan_scores == 0).all()
     assert np.all(good.answer == good.answers[np.arange(BON_R), good.selected])
@@ -313,13 +316,18 @@ SC_N, SC_R = 9, 3000
 
 
 @pytest.fixture(scope="module")
-def vote_model(toy):
-    return _vote_model(toy)
+def vote_bed(bed):
+    return _vote_bed(bed)
 
 
 @pytest.fixture(scope="module")
-def vote_answer_law(vote_model):
-    ex = exact_posterior(vote_model)
+def vote_model(vote_bed):
+    return from_markov_model(vote_bed)
+
+
+@pytest.fixture(scope="module")
+def vote_answer_law(vote_bed):
+    ex = exact_posterior(vote_bed)
     law = np.bincount(_answers_of(ex.states), weights=np.exp(ex.log_prior), minlength=5)
     return law[:4]  # EOS is never an answer
 
@@ -371,18 +379,23 @@ DVTS_S, DVTS_M, DVTS_R = 4, 3, 2000
 
 
 @pytest.fixture(scope="module")
-def token_model(toy):
-    return _token_model(toy)
+def token_bed(bed):
+    return _token_bed(bed)
 
 
-def beam1_law(model, rows, m):
+@pytest.fixture(scope="module")
+def token_model(token_bed):
+    return from_markov_model(token_bed)
+
+
+def beam1_law(bed, rows, m):
     """Exact law of the final beam of a one-beam search with m sampled children per step (greedy
     by the model's score, cumulative Φ), by recursion over the tree of prefixes: each step selects
     child v of the beam with the argmax-of-m probability among the V children."""
-    log_p = np.asarray(model.lm.log_probs, np.float64)
-    phi = np.asarray(model.constraint.log_pair, np.float64)
-    psi = np.asarray(model.constraint.log_final, np.float64)
-    horizon = model.max_length - model.prompt_length
+    log_p = np.asarray(bed.lm.log_probs, np.float64)
+    phi = np.asarray(bed.constraint.log_pair, np.float64)
+    psi = np.asarray(bed.constraint.log_final, np.float64)
+    horizon = bed.max_length - bed.prompt_length
     v_all = np.arange(log_p.shape[0])
     law = {}
 
@@ -398,7 +411,7 @@ def beam1_law(model, rows, m):
             else:
                 rec(prefix + (int(v),), v, scores[v], prob * select[v])
 
-    rec((), int(model.prompt[-1]), 0.0, 1.0)
+    rec((), int(bed.prompt[-1]), 0.0, 1.0)
     return np.array([law.get(k, 0.0) for k in rows["key"]])
 
 
@@ -418,11 +431,11 @@ def _dvts_checks(result, rows, subtree_law):
     return sel, pooled
 
 
-def test_dvts_subtrees_and_selection_follow_exact_laws(dvts_runs, rows, token_model):
+def test_dvts_subtrees_and_selection_follow_exact_laws(dvts_runs, rows, token_bed, token_model):
     """Each of the S subtrees (one beam, M sampled children per step) ends in the exact law of a
     one-beam search; the S subtrees are i.i.d., so DVTS's choice follows the argmax-of-S law."""
     good, _ = dvts_runs
-    q = beam1_law(token_model, rows, DVTS_M)
+    q = beam1_law(token_bed, rows, DVTS_M)
     np.testing.assert_allclose(q.sum(), 1.0, atol=1e-6)  # float32 chain
     (ok_sel, tv_sel, z_sel), (ok_pool, tv_pool, z_pool) = _dvts_checks(good, rows, q)
     assert ok_sel, (tv_sel, z_sel)
@@ -435,9 +448,9 @@ def test_dvts_subtrees_and_selection_follow_exact_laws(dvts_runs, rows, token_mo
     np.testing.assert_array_equal(good.compute.reward_calls, DVTS_M * gen)
 
 
-def test_dvts_checks_reject_argmin(dvts_runs, rows, token_model):
+def test_dvts_checks_reject_argmin(dvts_runs, rows, token_bed):
     _, argmin = dvts_runs
-    q = beam1_law(token_model, rows, DVTS_M)
+    q = beam1_law(token_bed, rows, DVTS_M)
     (ok_sel, tv_sel, _), (ok_pool, tv_pool, _) = _dvts_checks(argmin, rows, q)
     assert not ok_sel and not ok_pool and tv_sel > 0.3 and tv_pool > 0.3
 
@@ -447,25 +460,56 @@ def test_dvts_checks_reject_argmin(dvts_runs, rows, token_model):
 # ------------------------------------------------------------------------------------------------
 
 
-def _joint_score(params, model, states):
-    """sign · (J(prefix) + oracle · V*(prefix)): J = log P + Φ so far; V* the exact best J-gain
-    of any completion (0 when finished)."""
+@eqx.filter_jit
+def _expand_vs_move(model, key):
+    """Particles after 2 sampled steps (some finished), their children by ``expand_all``, and a
+    third sampled step."""
+    k0, k1, k2 = jax.random.split(key, 3)
+    parents = model.move(k1, jnp.asarray(1), model.init(k0, 64))
+    children, log_probs = model.expand_all(parents)
+    return parents, children, log_probs, model.move(k2, jnp.asarray(2), parents)
+
+
+def test_expand_all_children_are_real_steps(token_model, token_bed):
+    """The child of ``expand_all`` for the token a sampled step drew is that sampled particle, leaf
+    by leaf (tokens, lengths, done, step count, reward, per-step records); children of finished
+    particles are the particle; the log-probabilities are the chain's next-token row."""
+    parents, children, log_probs, moved = jax.tree.map(
+        np.asarray, _expand_vs_move(token_model, jax.random.key(4)))
+    v = token_model.num_children
+    n = parents.done.shape[0]
+    assert v == 5 and 0 < parents.done.sum() < n  # both kinds of parents
+    length = parents.lm.lengths
+    drawn = np.where(parents.done, 0, moved.lm.tokens[np.arange(n), np.minimum(length, 6)])
+    pick = np.arange(n) * v + drawn
+    for c, m in zip(jax.tree.leaves(children), jax.tree.leaves(moved)):
+        np.testing.assert_allclose(c[pick].astype(np.float64), m.astype(np.float64), atol=1e-6)
+    last = parents.lm.tokens[np.arange(n), length - 1]
+    np.testing.assert_allclose(log_probs, np.asarray(token_bed.lm.log_probs)[last], atol=1e-6)
+    for c, p in zip(jax.tree.leaves(children), jax.tree.leaves(parents)):  # finished: unchanged
+        np.testing.assert_array_equal(c.reshape((n, v) + c.shape[1:])[parents.done],
+                                      np.repeat(p[parents.done][:, None], v, axis=1))
+
+
+def _joint_score(params, model, particles):
+    """sign · (J(prefix) + oracle · V*(prefix)): J = log P + Φ so far (the LM log-probabilities of
+    the steps taken, recorded by the particle, plus the model's log R = Φ so far); V* the exact
+    best J-gain of any completion (0 when finished)."""
     sign, oracle, to_go = params
-    j = sequence_log_prob(model.lm, states, model.prompt_length) + total_log_potential(model,
-                                                                                      states)
-    k = states.length - model.prompt_length
-    last = jnp.take_along_axis(states.tokens, (states.length - 1)[:, None], axis=1)[:, 0]
-    return sign * (j + oracle * jnp.where(states.done, 0.0, to_go[k, jnp.clip(last, 0)]))
+    s = particles.lm
+    j = jnp.sum(particles.hist_logprob, axis=1) + particles.log_reward
+    k = model.num_tokens(particles)
+    last = jnp.take_along_axis(s.tokens, (s.lengths - 1)[:, None], axis=1)[:, 0]
+    return sign * (j + oracle * jnp.where(particles.done, 0.0, to_go[k, jnp.clip(last, 0)]))
 
 
-def value_to_go(model):
+def value_to_go(bed):
     """W[k, u] = max over completions of a prefix with k generated tokens ending in u of the
     J-gain (max-product backward recursion): W[G, u] = ψ(u) and, for k < G,
     W[k, u] = max(s(u, EOS) + ψ(u), max_{v ≠ EOS} s(u, v) + W[k+1, v]), s = log P + φ."""
-    s = np.asarray(model.lm.log_probs, np.float64) + np.asarray(model.constraint.log_pair,
-                                                                  np.float64)
-    psi = np.asarray(model.constraint.log_final, np.float64)
-    horizon = model.max_length - model.prompt_length
+    s = np.asarray(bed.lm.log_probs, np.float64) + np.asarray(bed.constraint.log_pair, np.float64)
+    psi = np.asarray(bed.constraint.log_final, np.float64)
+    horizon = bed.max_length - bed.prompt_length
     w = np.zeros((horizon + 1, len(psi)))
     w[horizon] = psi
     for k in range(horizon - 1, -1, -1):
@@ -475,8 +519,8 @@ def value_to_go(model):
     return w
 
 
-def _joint(model, sign=1.0, oracle=0.0, nan_at=None):
-    to_go = value_to_go(model)
+def _joint(model, bed, sign=1.0, oracle=0.0, nan_at=None):
+    to_go = value_to_go(bed)
     if nan_at is not None:
         to_go[nan_at] = np.nan
     params = (jnp.float32(sign), jnp.float32(oracle), jnp.asarray(to_go, jnp.float32))
@@ -484,8 +528,8 @@ def _joint(model, sign=1.0, oracle=0.0, nan_at=None):
 
 
 @pytest.fixture(scope="module")
-def exact_j(token_model):
-    ex = exact_posterior(token_model)
+def exact_j(token_bed):
+    ex = exact_posterior(token_bed)
     return ex, ex.log_prior + ex.log_potential
 
 
@@ -498,7 +542,7 @@ def _top_check(result, ex, j):
     return int(idx[0]) == int(order[0])
 
 
-def test_exhaustive_beam_search_ranks_every_sequence(token_model, exact_j):
+def test_exhaustive_beam_search_ranks_every_sequence(token_model, token_bed, exact_j):
     """Provably exact: with single-token steps enumerated by ``expand_all`` and K = 5461 beams,
     nothing is ever pruned — every candidate at a step is a distinct prefix (finished beams are kept
     once), each extends to a distinct complete sequence, so there are at most 5461 of them. The
@@ -507,8 +551,8 @@ def test_exhaustive_beam_search_ranks_every_sequence(token_model, exact_j):
     the prefix tree, 5 · (1 + 4 + ... + 4^5) = 6825."""
     ex, j = exact_j
     k = len(j)
-    res = beam_search(None, _joint(token_model), k, None)
-    idx = sequence_index(ex, jax.tree.map(np.asarray, res.particles))
+    res = beam_search(None, _joint(token_model, token_bed), k, None)
+    idx = sequence_index(ex, res.particles)
     assert res.valid.all() and res.particles.done.all()
     np.testing.assert_array_equal(np.sort(idx), np.arange(k))  # every sequence, once
     scores = np.asarray(res.scores, np.float64)
@@ -520,21 +564,22 @@ def test_exhaustive_beam_search_ranks_every_sequence(token_model, exact_j):
     assert int(res.compute.tokens_generated) == 6825 == int(res.compute.reward_calls)
     assert int(res.compute.num_steps) == token_model.max_num_steps
     # broken (argmin): same program, the check rejects the selection
-    bad = beam_search(None, _joint(token_model, sign=-1.0), k, None)
+    bad = beam_search(None, _joint(token_model, token_bed, sign=-1.0), k, None)
     assert not _top_check(bad, ex, j)
 
 
 @pytest.fixture(scope="module")
-def oracle_runs(token_model):
+def oracle_runs(token_model, token_bed):
     """One compiled program (K = 1, expand_all) serves the four searches: only traced leaves of
     the score differ."""
-    oracle = _joint(token_model, oracle=1.0)
+    m, b = token_model, token_bed
+    oracle = _joint(m, b, oracle=1.0)
     return dict(
         beam=beam_search(None, oracle, 1, None),
         dvts=dvts(None, oracle, 1, None),
-        greedy=beam_search(None, _joint(token_model), 1, None),
-        argmin=beam_search(None, _joint(token_model, sign=-1.0, oracle=1.0), 1, None),
-        nan=beam_search(None, _joint(token_model, oracle=1.0, nan_at=(1, 2)), 1, None),
+        greedy=beam_search(None, _joint(m, b), 1, None),
+        argmin=beam_search(None, _joint(m, b, sign=-1.0, oracle=1.0), 1, None),
+        nan=beam_search(None, _joint(m, b, oracle=1.0, nan_at=(1, 2)), 1, None),
     )
 
 
@@ -561,8 +606,8 @@ def test_nan_scores_are_counted_and_never_selected(oracle_runs):
     counted and ranks as −inf: the search then takes another path."""
     res = oracle_runs["nan"]
     assert int(res.num_nan_scores) == 1 and int(oracle_runs["beam"].num_nan_scores) == 0
-    assert int(oracle_runs["beam"].particles.tokens[0, 1]) == 2
-    assert int(res.particles.tokens[0, 1]) != 2 and np.isfinite(float(res.scores[0]))
+    assert int(oracle_runs["beam"].particles.lm.tokens[0, 1]) == 2
+    assert int(res.particles.lm.tokens[0, 1]) != 2 and np.isfinite(float(res.scores[0]))
 
 
 def test_dvts_with_one_subtree_is_beam_search(oracle_runs):

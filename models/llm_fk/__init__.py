@@ -5,7 +5,9 @@
 - :mod:`models.llm_fk.rewards`: reward models (verifiers, judges), scored incrementally per step,
   and :class:`HostCallbacks` (the per-experiment table of Python callbacks);
 - :mod:`models.llm_fk.strategies`: weightings, aggregations and links (small ``eqx.Module`` s);
-- :mod:`models.llm_fk.ssm`: :class:`LLMFeynmanKac`, the model the samplers run.
+- :mod:`models.llm_fk.ssm`: :class:`LLMFeynmanKac`, the model the samplers run;
+- :mod:`models.llm_fk.markov`: that model for the Markov-chain test bed
+  (:func:`from_markov_model`, :func:`toy_reasoning_model`).
 
 The runtime itself (loaders, tokenizer, transformer, decoding) is :mod:`models.llm`.
 See docs/llm_as_ssm.md.
@@ -22,7 +24,7 @@ from models.llm_fk.rewards import (
     HostCallbacks,
     host_rows,
 )
-from models.llm_fk.markov import from_markov_model
+from models.llm_fk.markov import from_markov_model, toy_reasoning_model
 from models.llm_fk.ssm import (
     AGGREGATIONS,
     PURI_LINKS,
@@ -65,6 +67,6 @@ __all__ = [
     "LogLink",
     # ssm
     "LLMParticle", "LLMFeynmanKac", "WEIGHTINGS", "AGGREGATIONS", "PURI_LINKS",
-    # the Markov-chain LM's model as an LLMFeynmanKac
-    "from_markov_model",
+    # the Markov-chain test bed's model (an LLMFeynmanKac)
+    "from_markov_model", "toy_reasoning_model",
 ]

@@ -1,67 +1,73 @@
-"""The Markov-chain LM's Feynman-Kac model as an :class:`~models.llm_fk.ssm.LLMFeynmanKac`.
+"""The Feynman-Kac model of the Markov-chain test bed: an :class:`~models.llm_fk.ssm.LLMFeynmanKac`.
 
-:class:`models.markov_lm.MarkovLMFeynmanKac` (the exact test bed: G_t = exp(Σ φ over the step's
-tokens + ψ(answer) on finishing) × p/q) is the LLM Feynman-Kac model with
+A :class:`models.markov_lm.MarkovTestBed` (target π(w) ∝ P(w | prompt) exp Φ(w),
+Φ(w) = Σ_j φ(w_{j−1}, w_j) + ψ(answer(w)), steps drawn from P or a proposal Q) is run by the same
+model as the transformer, :class:`~models.llm_fk.ssm.LLMFeynmanKac`, with
 
 - the step LM :class:`~models.llm_fk.step_lm.MarkovStepLM` (steps drawn from the proposal when
   there is one),
 - the reward :class:`~models.llm_fk.rewards.TokenPairReward` ``(φ, ψ, per_step=True)`` — the
   step score r̂_t = exp(Σ φ over the new tokens + 1[finished] ψ),
-- :class:`~models.llm_fk.strategies.ProductAggregation` (R_t = ∏ r̂_s) and
-  :class:`~models.llm_fk.strategies.TwistedWeighting` at β = 1 (G_t = R_t / R_{t−1} = r̂_t),
-- ``correct_proposal`` (the p/q of each step) when the model has a proposal.
+- :class:`~models.llm_fk.strategies.ProductAggregation` (R_t = ∏_{s≤t} r̂_s, so log R_t is Φ of
+  the prefix) and :class:`~models.llm_fk.strategies.TwistedWeighting` at β = 1
+  (G_t = R_t / R_{t−1} = r̂_t),
+- ``correct_proposal`` (the P/Q of each step) when the test bed has a proposal,
 
-:func:`from_markov_model` builds it. With the same keys both draw the same tokens (the same
-``generate_step`` calls) and give the same potentials up to float32 rounding, so SMC on either
-gives the same log Ẑ; ``tests/test_markov_lm.py`` checks this, which carries the exact tests of
-the Markov model (forward recursion) over to :class:`~models.llm_fk.ssm.LLMFeynmanKac`.
+so that ∏_t G_t = exp Φ(w) P(w) / Q(w) and SMC on it estimates Z = E_P[exp Φ] without bias; the
+exact answers of :mod:`models.markov_lm_exact` check it (``tests/test_markov_lm.py``). The search
+score is log R_t = Φ so far; with ``max_step_tokens = 1`` the model enumerates its children
+(``expand_all``) for deterministic beam search (``tests/test_search.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Int
 
 from models.llm_fk.rewards import TokenPairReward
 from models.llm_fk.ssm import LLMFeynmanKac
 from models.llm_fk.step_lm import MarkovStepLM
 from models.llm_fk.strategies import ProductAggregation, TwistedWeighting
+from models.markov_lm import MarkovTestBed, last_token_answer, toy_test_bed
 
-__all__ = ["from_markov_model", "LastTokenAnswer"]
+__all__ = ["from_markov_model", "toy_reasoning_model", "LastTokenAnswer"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LastTokenAnswer:
-    """``answer_ids_fn`` of the Markov LM: the last non-EOS token (hashable by value, so models
-    built twice share their compiled programs)."""
+    """``answer_ids_fn`` of the Markov LM: the last non-EOS token
+    (:func:`models.markov_lm.last_token_answer`; hashable by value, so models built twice share
+    their compiled programs)."""
 
     eos_id: int
 
-    def __call__(self, tokens, lengths, prompt_lengths=None):
-        idx = jnp.maximum(lengths - 1, 0)
-        last = jnp.take_along_axis(tokens, idx[:, None], axis=1)[:, 0]
-        before = jnp.take_along_axis(tokens, jnp.maximum(idx - 1, 0)[:, None], axis=1)[:, 0]
-        return jnp.where(last == self.eos_id, before, last).astype(jnp.int32)
+    def __call__(self, tokens, lengths, prompt_lengths=None) -> Int[Array, " N"]:
+        return last_token_answer(tokens, lengths, self.eos_id)
 
 
-def from_markov_model(model) -> LLMFeynmanKac:
+def from_markov_model(bed: MarkovTestBed) -> LLMFeynmanKac:
     """The :class:`~models.llm_fk.ssm.LLMFeynmanKac` of a
-    :class:`~models.markov_lm.MarkovLMFeynmanKac` (see the module docstring)."""
-    from models.markov_lm import MarkovLMFeynmanKac
-
-    if not isinstance(model, MarkovLMFeynmanKac):
-        raise TypeError(f"expected a MarkovLMFeynmanKac, got {type(model).__name__}")
-    if model.num_steps is not None:
-        raise ValueError("from_markov_model supports the variable horizon only (num_steps=None)")
-    prompt = [int(i) for i in np.asarray(model.prompt)]
-    reward = TokenPairReward(np.asarray(model.constraint.log_pair), np.asarray(model.constraint.log_final),
+    :class:`~models.markov_lm.MarkovTestBed` (see the module docstring). It finishes every
+    sequence within ``bed.max_num_steps`` steps (its ``max_num_steps``); run it with
+    ``smc(key, model, N, max_steps=model.max_num_steps)``, or with ``num_steps=...`` for a fixed
+    horizon (finished particles wait)."""
+    if not isinstance(bed, MarkovTestBed):
+        raise TypeError(f"expected a MarkovTestBed, got {type(bed).__name__}")
+    prompt = [int(i) for i in np.asarray(bed.prompt)]
+    reward = TokenPairReward(np.asarray(bed.constraint.log_pair), np.asarray(bed.constraint.log_final),
                              per_step=True)
     return LLMFeynmanKac.build(
-        MarkovStepLM(model.lm, model.proposal), prompt, reward,
-        max_steps=model.max_num_steps, max_step_tokens=model.max_step_tokens,
-        max_new_tokens=model.max_length - len(prompt), weighting=TwistedWeighting(),
+        MarkovStepLM(bed.lm, bed.proposal), prompt, reward,
+        max_steps=bed.max_num_steps, max_step_tokens=bed.max_step_tokens,
+        max_new_tokens=bed.max_length - len(prompt), weighting=TwistedWeighting(),
         aggregation=ProductAggregation(), temperature=1.0,
-        correct_proposal=model.proposal is not None, answer_ids_fn=LastTokenAnswer(model.lm.eos_id),
+        correct_proposal=bed.proposal is not None, answer_ids_fn=LastTokenAnswer(bed.lm.eos_id),
     )
+
+
+def toy_reasoning_model(*, proposal: bool = False, max_step_tokens: int = 3) -> LLMFeynmanKac:
+    """The Feynman-Kac model of the standard test bed :func:`models.markov_lm.toy_test_bed`
+    (same arguments; its exact answers: :mod:`models.markov_lm_exact` on that test bed)."""
+    return from_markov_model(toy_test_bed(proposal=proposal, max_step_tokens=max_step_tokens))

@@ -29,7 +29,8 @@ Finished particles are absorbing (the engine neither moves nor re-weights them).
 temperature or top-p), so the targets use the LM p at temperature 1 instead of q.
 
 The model also provides the search interface of :mod:`samplers.search` (``score`` = log R_t,
-``answer``, ``num_tokens``, ``max_num_steps``), ``log_transition`` for ancestor sampling, and
+``answer``, ``num_tokens``, ``max_num_steps``; for single-token steps ``expand_all``, every next
+token of every particle, for deterministic beam search), ``log_transition`` for ancestor sampling, and
 :meth:`LLMFeynmanKac.path` to rebuild the trajectory x_{0:T−1} of a particle from its final state (the
 state stores its own history, so conditional SMC needs no genealogy). Compute is counted exactly by
 the protocol's ``step_info`` hook: the engine records, per step, the tokens generated and the
@@ -53,7 +54,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from models.llm_fk import strategies
 from models.llm_fk.rewards import HostCallbacks, RewardModel, host_rows
-from models.llm_fk.step_lm import AbstractStepLM
+from models.llm_fk.step_lm import AbstractStepLM, StepInfo
 from models.llm_fk.strategies import (
     AGGREGATION_NAMES,
     LINK_NAMES,
@@ -62,7 +63,7 @@ from models.llm_fk.strategies import (
     AbstractWeighting,
     LastAggregation,
 )
-from ppl import checks
+from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 
 __all__ = [
@@ -360,9 +361,14 @@ class LLMFeynmanKac(AbstractFeynmanKac):
 
     # ---------------------------------------------------------------------------------- one step
     def _advance(self, key: PRNGKeyArray, p: LLMParticle) -> LLMParticle:
-        active = ~p.done
         lm_in = p.lm._replace(done=p.lm.done | p.done)
         lm_state, info = self.lm.generate_step(key, lm_in, self.max_step_tokens)
+        return self._after_step(p, lm_state, info)
+
+    def _after_step(self, p: LLMParticle, lm_state, info: StepInfo) -> LLMParticle:
+        """The particles after the step LM appended one step (``lm_state``, ``info``) to the rows
+        of ``p`` that were not done: step count, done flag, reward, records."""
+        active = ~p.done
         prev_len = p.lm.lengths
         num_steps = p.num_steps + active.astype(jnp.int32)
         finished = active & (lm_state.done | (num_steps >= self.max_steps))
@@ -488,6 +494,47 @@ class LLMFeynmanKac(AbstractFeynmanKac):
     def num_tokens(self, particles: LLMParticle) -> Int[Array, " N"]:
         """Generated tokens (prompt excluded)."""
         return (particles.lm.lengths - particles.lm.prompt_lengths).astype(jnp.int32)
+
+    # ---------------------------------------------------------------------------------- expansion
+    @property
+    def num_children(self) -> int:
+        """Children of a particle in :meth:`expand_all`: the vocabulary size V (single-token steps
+        only, ``max_step_tokens = 1``)."""
+        if self.max_step_tokens != 1:
+            raise ValueError(
+                f"expand_all enumerates single-token steps only (max_step_tokens = 1), this model "
+                f"has max_step_tokens = {self.max_step_tokens}"
+            )
+        return self.lm.vocab_size
+
+    def expand_all(self, particles: LLMParticle) -> tuple[LLMParticle, Float[Array, "N V"]]:
+        """Every next step of every particle, for single-token steps (deterministic beam search).
+
+        Child ``i * V + v`` is particle i after the step "append token v" (the step LM's ``force``),
+        finished, scored and recorded exactly as a sampled step would be (EOS, a full buffer or
+        ``max_steps`` finish it). ``log_probs[i, v]`` is the log-probability of token v under the
+        law the steps are drawn from (the step LM's ``next_token_proposal_logprobs`` if it has one,
+        else ``next_token_logprobs``, the LM at temperature 1); −inf marks an impossible child.
+        Children of finished particles are the particle itself (callers keep the parent). Costs a
+        forward pass over N·V rows: for small vocabularies (the Markov-chain LM).
+        """
+        v = self.num_children
+        n = particles.num_steps.shape[0]
+        s = particles.lm
+        logp = self.lm.next_token_logprobs(s)
+        proposal = getattr(self.lm, "next_token_proposal_logprobs", None)
+        logq = logp if proposal is None else proposal(s)
+        parent = jnp.repeat(jnp.arange(n), v)
+        tok = jnp.tile(jnp.arange(v, dtype=jnp.int32), n)
+        p = tree.gather(particles, parent)
+        active = ~p.done
+        lm_in = p.lm._replace(done=p.lm.done | p.done)
+        lm_state = self.lm.force(lm_in, tok[:, None], active.astype(jnp.int32))
+        eos = jnp.isin(tok, jnp.asarray(self.lm.eos_ids, jnp.int32))
+        grown = lm_state.lengths - lm_in.lengths
+        lm_state = lm_state._replace(done=lm_in.done | (active & (eos | lm_state.done)))
+        info = StepInfo(grown.astype(jnp.int32), logp.reshape(-1), logq.reshape(-1))
+        return self._after_step(p, lm_state, info), logq
 
     # ---------------------------------------------------------------------------------- paths
     def path(self, particle: LLMParticle) -> LLMParticle:

@@ -38,7 +38,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from models import llm as _llm
 from ppl import tree
 from models.markov_lm import PAD as MARKOV_PAD
-from models.markov_lm import LMState, MarkovLM, generate_step
+from models.markov_lm import MarkovLM, generate_step
 
 __all__ = [
     "AbstractStepLM",
@@ -329,13 +329,11 @@ class MarkovStepLM(AbstractStepLM):
         return MarkovDecodeState(jnp.asarray(tokens), p, p, jnp.zeros((1,), bool))
 
     def generate_step(self, key, state, max_step_tokens):
-        q = self.lm if self.proposal is None else self.proposal
-        s = LMState(state.tokens, state.lengths, jnp.zeros_like(state.lengths), state.done)
-        s = generate_step(key, q, s, max_step_tokens=int(max_step_tokens))
-        lo, hi = state.lengths, s.length
-        logp = _pair_logprob(self.lm.log_probs, s.tokens, lo, hi)
-        logq = logp if self.proposal is None else _pair_logprob(q.log_probs, s.tokens, lo, hi)
-        new = MarkovDecodeState(s.tokens, s.length, state.prompt_lengths, s.done)
+        q = self.move_lm
+        new = generate_step(key, q, state, max_step_tokens=int(max_step_tokens))
+        lo, hi = state.lengths, new.lengths
+        logp = _pair_logprob(self.lm.log_probs, new.tokens, lo, hi)
+        logq = logp if self.proposal is None else _pair_logprob(q.log_probs, new.tokens, lo, hi)
         return new, StepInfo((hi - lo).astype(jnp.int32), logp, logq)
 
     def force(self, state, tokens, n):
@@ -360,9 +358,22 @@ class MarkovStepLM(AbstractStepLM):
             lengths >= width,
         )
 
+    @property
+    def move_lm(self) -> MarkovLM:
+        """The chain the steps are drawn from (the proposal, or the lm itself)."""
+        return self.lm if self.proposal is None else self.proposal
+
     def next_token_logprobs(self, state):
+        return self.lm.log_probs[self._last_token(state)]
+
+    def next_token_proposal_logprobs(self, state) -> Float[Array, "N V"]:
+        """log q(next token | tokens so far) under the chain the steps are drawn from."""
+        return self.move_lm.log_probs[self._last_token(state)]
+
+    @staticmethod
+    def _last_token(state):
         last = jnp.take_along_axis(state.tokens, jnp.maximum(state.lengths - 1, 0)[:, None], axis=1)[:, 0]
-        return self.lm.log_probs[jnp.clip(last, 0)]
+        return jnp.clip(last, 0)
 
     def decode(self, ids):
         names = self.lm.token_names or tuple(str(i) for i in range(self.vocab_size))
