@@ -94,7 +94,9 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
 
 # ----------------------------------------------------------------------------- ppl scale
 def _scale_arguments(p: argparse.ArgumentParser) -> None:
-    from app.scale import _add_arguments
+    from app.scale import _add_arguments, _help_epilog
+
+    p.epilog = _help_epilog()
 
     _add_arguments(p)
 
@@ -118,12 +120,23 @@ SUBCOMMANDS: Mapping[str, tuple[Callable[[argparse.ArgumentParser], None], Calla
 
 
 # ----------------------------------------------------------------------------- entry point
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: …)`` to option help that does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppl", description="Feynman-Kac particle algorithms in JAX")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (add_arguments, _, help_) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = sub.add_parser(name, help=help_, description=help_,
+                           formatter_class=_DefaultsFormatter)
         add_arguments(p)
     return parser
 

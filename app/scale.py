@@ -3,12 +3,19 @@
 For each method × budget × prompt × seed, :func:`app.methods.run_method` runs SmolLM2 on the
 prompt (steps = lines) with the task's programmatic step verifier as reward model, and the task's
 program decides whether the selected completion is correct. The accuracy of a (method, budget) cell
-is the mean success over prompts and seeds. Two 95% intervals are reported:
+is the mean success over its n = prompts × seeds runs. Intervals (95%):
 
-- over seeds: the seed-level accuracies (each the mean over prompts) with a Student-t interval
-  (``n_seeds`` ≥ 2; it carries only the sampling noise of the methods, for these prompts);
+- a Wilson score interval for that proportion over the n runs (valid for a proportion, never
+  outside [0, 1]; it treats the runs as independent, so it describes *these* prompts);
 - over prompts: a percentile bootstrap resampling prompts (each with its mean over seeds), the
-  uncertainty about the task family's accuracy.
+  uncertainty about the task family's accuracy, given only with at least ``MIN_PROMPTS`` prompts
+  (a bootstrap of fewer prompts is far too narrow);
+- paired comparisons (pf − bon on the same prompt and key): the mean difference, the discordant
+  pairs (one method right, the other wrong) with McNemar's exact p-value, and a paired bootstrap
+  over prompts (at least ``MIN_PROMPTS``). Differences of accuracies lie in [−1, 1] and so do
+  these intervals.
+
+:func:`report` warns (and ``ppl scale`` prints) when the prompts or runs are too few to conclude.
 
 The "scaling rate" comparison of Puri et al. (2025) is the smallest particle-filter budget whose
 accuracy reaches best-of-N at the largest budget run (e.g. 32): a PF that matches BoN@32 with 4
@@ -31,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -266,11 +274,27 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
             for b in cfg.budgets]
     todo = [j for j in jobs if j not in done]
     host = ExperimentHost(cfg.reward)
-    bar = tqdm(todo, desc=f"scale {cfg.task}", disable=not progress, dynamic_ncols=True)
+    # tqdm's own ETA is dominated by the first run of each cell (it compiles): ours separates the
+    # two, remaining runs × mean run time + remaining new cells × mean compile time
+    bar = tqdm(todo, desc=f"scale {cfg.task}", disable=not progress, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     last_save = time.perf_counter()
-    for m, b, i, s in bar:
-        bar.set_postfix_str(f"{m}@{b} prompt {i} seed {s}")
-        rows.append(run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn, host))
+    seen_cells = {(r["method"], int(r["budget"])) for r in rows}
+    run_s, compile_s, n_done = 0.0, 0.0, 0
+    for k, (m, b, i, s) in enumerate(bar):
+        eta = ""
+        if n_done:
+            cells_left = len({(mm, bb) for mm, bb, _, _ in todo[k:]} - seen_cells)
+            comp = compile_s / max(len(seen_cells), 1)
+            left = (len(todo) - k) * run_s / n_done + cells_left * comp
+            eta = f" | eta {left / 60:.0f} min (run {run_s / n_done:.1f} s, compile {comp:.0f} s/cell)"
+        bar.set_postfix_str(f"{m}@{b} prompt {i} seed {s}{eta}")
+        row = run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn, host)
+        rows.append(row)
+        seen_cells.add((m, b))
+        run_s += float(row.get("wall_time_s", 0.0))
+        compile_s += float(row.get("compile_time_s", 0.0))
+        n_done += 1
         if save and time.perf_counter() - last_save > 30:
             _save_rows(path, cfg, rows, max_steps)
             last_save = time.perf_counter()
@@ -292,23 +316,48 @@ def _save_rows(path: str, cfg: ScaleConfig, rows: list[dict], max_steps: int) ->
 # statistics
 # ------------------------------------------------------------------------------------------------
 
-# 97.5% quantiles of Student's t (rounded up): exact for df ≤ 30, then the next lower tabulated df
-_T975 = {1: 12.707, 2: 4.303, 3: 3.183, 4: 2.777, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.307, 9: 2.263,
-         10: 2.229, 11: 2.201, 12: 2.179, 13: 2.161, 14: 2.145, 15: 2.132, 16: 2.12, 17: 2.11,
-         18: 2.101, 19: 2.094, 20: 2.086, 21: 2.08, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.06,
-         26: 2.056, 27: 2.052, 28: 2.049, 29: 2.046, 30: 2.043, 40: 2.022, 60: 2.001, 120: 1.98}
+# Fewer prompts than this: no bootstrap over prompts (the percentile bootstrap of 2-4 values is
+# far too narrow), and a warning that the results describe these prompts only.
+MIN_PROMPTS = 5
+# Fewer runs per cell than this: a warning (a Wilson interval is then wider than ±0.2).
+MIN_RUNS = 20
+_Z975 = 1.959963984540054
 
 
-def _t975(df: int) -> float:
-    """97.5% quantile of t_df (conservative between tabulated values)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
-    return _T975[max(k for k in _T975 if k <= df)]
+def wilson_interval(successes: int, n: int, z: float = _Z975) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927): the p with
+    |k/n − p| ≤ z √(p(1−p)/n); inside [0, 1], sensible at k = 0 or n (unlike p̂ ± z·se)."""
+    if n < 1:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if successes == 0 else max(0.0, center - half)
+    hi = 1.0 if successes == n else min(1.0, center + half)
+    return (lo, hi)
+
+
+def mcnemar_exact_p(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar test: P(a Binomial(wins + losses, 1/2) split at least this
+    uneven); 1 when there is no discordant pair."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def _bootstrap_mean(values: np.ndarray, rng, n_boot: int) -> tuple[float, float]:
+    boot = rng.choice(values, size=(n_boot, len(values)), replace=True).mean(axis=1)
+    return (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)))
 
 
 def summarize(rows: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Per (method, budget): accuracy, 95% CI over seeds (t), 95% CI over prompts (bootstrap),
-    mean tokens generated and reward calls. Keys are ``"method@budget"``."""
+    """Per (method, budget): accuracy, successes / runs, the Wilson 95% interval over runs, the
+    95% bootstrap interval over prompts (NaN below ``MIN_PROMPTS`` prompts), per-seed accuracies,
+    mean tokens generated, reward calls and times. Keys are ``"method@budget"``."""
     rng = np.random.default_rng(seed)
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -320,19 +369,14 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> dic
         grid = np.full((len(prompts), len(seeds)), np.nan)
         for r in rs:
             grid[prompts.index(r["prompt"]), seeds.index(r["seed"])] = float(r["correct"])
-        acc = float(np.nanmean(grid))
-        per_seed = np.nanmean(grid, axis=0)
-        if len(seeds) >= 2:
-            h = _t975(len(seeds) - 1) * float(np.std(per_seed, ddof=1)) / math.sqrt(len(seeds))
-            ci_seeds = (max(0.0, acc - h), min(1.0, acc + h))
-        else:
-            ci_seeds = (float("nan"), float("nan"))
+        k, n = int(np.nansum(grid)), int(np.sum(~np.isnan(grid)))
         per_prompt = np.nanmean(grid, axis=1)
-        boot = rng.choice(per_prompt, size=(n_boot, len(per_prompt)), replace=True).mean(axis=1)
-        ci_prompts = (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)))
+        ci_prompts = (_bootstrap_mean(per_prompt, rng, n_boot) if len(prompts) >= MIN_PROMPTS
+                      else (float("nan"), float("nan")))
         out[f"{m}@{b}"] = dict(
-            method=m, budget=b, accuracy=acc, ci_seeds=ci_seeds, ci_prompts=ci_prompts,
-            per_seed=per_seed.tolist(), n_prompts=len(prompts), n_seeds=len(seeds),
+            method=m, budget=b, accuracy=k / n, successes=k, n_runs=n, ci=wilson_interval(k, n),
+            ci_prompts=ci_prompts, per_seed=np.nanmean(grid, axis=0).tolist(),
+            n_prompts=len(prompts), n_seeds=len(seeds),
             tokens_generated=float(np.mean([r["tokens_generated"] for r in rs])),
             reward_calls=float(np.mean([r["reward_calls"] for r in rs])),
             wall_time_s=float(np.mean([r["wall_time_s"] for r in rs])),
@@ -352,12 +396,14 @@ def argmax_rows(rows: Sequence[dict], method: str = "pf", name: str = "pf-argmax
     return out
 
 
-def paired_difference(rows: Sequence[dict], method: str = "pf", reference: str = "bon") -> dict:
-    """Per budget: mean of (success of ``method`` − success of ``reference``) over the (prompt, seed)
-    pairs both ran (same prompt, same key), with a 95% Student-t interval over the per-prompt mean
-    differences (prompts are the independent units; with few prompts a t interval is safer than a
-    percentile bootstrap). Pairing removes the prompt-difficulty variance of the unpaired
-    intervals."""
+def paired_difference(rows: Sequence[dict], method: str = "pf", reference: str = "bon", *,
+                      n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per budget, over the (prompt, seed) pairs both methods ran (same prompt, same key): the
+    mean of (success of ``method`` − success of ``reference``), the discordant pairs (``wins``:
+    only ``method`` right; ``losses``: only ``reference`` right) with McNemar's exact two-sided
+    p-value, and a 95% paired bootstrap interval over prompts (each prompt's mean difference;
+    NaN below ``MIN_PROMPTS`` prompts). Pairing removes the prompt-difficulty variance."""
+    rng = np.random.default_rng(seed)
     ok = {(r["method"], int(r["budget"]), r["prompt"], r["seed"]): float(r["correct"]) for r in rows}
     out = {}
     for b in sorted({int(r["budget"]) for r in rows}):
@@ -367,28 +413,49 @@ def paired_difference(rows: Sequence[dict], method: str = "pf", reference: str =
                 diffs.setdefault(p, []).append(v - ok[(reference, b, p, s)])
         if not diffs:
             continue
+        flat = np.concatenate([np.asarray(v) for v in diffs.values()])
+        wins, losses = int(np.sum(flat > 0)), int(np.sum(flat < 0))
         per_prompt = np.array([np.mean(v) for v in diffs.values()])
-        mean = float(np.mean(per_prompt))
-        if len(per_prompt) >= 2:
-            h = _t975(len(per_prompt) - 1) * float(np.std(per_prompt, ddof=1)) / math.sqrt(len(per_prompt))
-        else:
-            h = float("nan")
-        out[b] = dict(mean=mean, ci=(mean - h, mean + h), n_prompts=len(per_prompt),
-                      n_pairs=int(sum(len(v) for v in diffs.values())))
+        ci = (_bootstrap_mean(per_prompt, rng, n_boot) if len(per_prompt) >= MIN_PROMPTS
+              else (float("nan"), float("nan")))
+        out[b] = dict(mean=float(np.mean(flat)), ci=ci, wins=wins, losses=losses,
+                      p_value=mcnemar_exact_p(wins, losses), n_prompts=len(per_prompt),
+                      n_pairs=int(flat.size))
     return out
 
 
 def format_paired(diff: dict, method: str = "pf", reference: str = "bon") -> str:
     if not diff:
         return ""
+
     def cell(b, v):
         lo, hi = v["ci"]
-        if not (math.isfinite(lo) and math.isfinite(hi)):  # one prompt: no interval
-            return f"B={b}: {v['mean']:+.2f} [n/a, one prompt]"
-        return f"B={b}: {v['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        interval = (f"[{lo:+.2f}, {hi:+.2f}]" if math.isfinite(lo) and math.isfinite(hi)
+                    else f"[no interval: {v['n_prompts']} prompt(s) < {MIN_PROMPTS}]")
+        return (f"B={b}: {v['mean']:+.2f} {interval}, {v['wins']} better / {v['losses']} worse of "
+                f"{v['n_pairs']} pairs, McNemar p = {v['p_value']:.2g}")
 
     cells = [cell(b, v) for b, v in diff.items()]
-    return f"paired accuracy difference {method} − {reference} (95% t CI over prompts): " + "; ".join(cells)
+    return (f"paired accuracy difference {method} − {reference} (95% bootstrap CI over prompts): "
+            + "; ".join(cells))
+
+
+def sample_size_warnings(summary: dict) -> list[str]:
+    """Why the numbers cannot support a conclusion, if they cannot: too few prompts for an
+    interval about the task family, too few runs per cell for a useful proportion interval."""
+    if not summary:
+        return []
+    msgs = []
+    n_prompts = min(v["n_prompts"] for v in summary.values())
+    n_runs = min(v["n_runs"] for v in summary.values())
+    if n_prompts < MIN_PROMPTS:
+        msgs.append(f"only {n_prompts} prompt(s) per cell (< {MIN_PROMPTS}): the intervals describe "
+                    "these prompts, not the task family, and no bootstrap over prompts is given")
+    if n_runs < MIN_RUNS:
+        msgs.append(f"only {n_runs} run(s) per cell (< {MIN_RUNS}): accuracy intervals reach "
+                    "±0.2; differences between methods are not established (use more prompts or "
+                    "seeds)")
+    return msgs
 
 
 def pf_matching_budget(summary: dict, reference: str = "bon", method: str = "pf") -> dict:
@@ -420,7 +487,7 @@ def matching_line(match: dict) -> str:
 
 
 def format_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) -> str:
-    """Markdown table: rows = methods, columns = budgets, cells ``acc ±seedCI [prompt CI]``."""
+    """Markdown table: rows = methods, columns = budgets, cells ``acc [Wilson 95% CI] k/n``."""
     head = "| method | " + " | ".join(f"B={b}" for b in budgets) + " |"
     sep = "|---|" + "---|" * len(budgets)
     lines = [head, sep]
@@ -431,10 +498,8 @@ def format_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) 
             if v is None:
                 cells.append("–")
                 continue
-            lo, hi = v["ci_seeds"]
-            seed_ci = f" ±{(hi - lo) / 2:.2f}" if np.isfinite(lo) else ""
-            plo, phi = v["ci_prompts"]
-            cells.append(f"{v['accuracy']:.2f}{seed_ci} [{plo:.2f}, {phi:.2f}]")
+            lo, hi = v["ci"]
+            cells.append(f"{v['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] {v['successes']}/{v['n_runs']}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -491,8 +556,23 @@ def plot_scaling(summary: dict, methods: Sequence[str], budgets: Sequence[int], 
     return path
 
 
+TABLE_HEADING = ("Accuracy: mean [95% Wilson interval over the runs] successes/runs "
+                 "(runs = prompts × seeds)")
+
+
+def timing_line(rows: Sequence[dict]) -> str:
+    """Compile and run time apart: the summed ``compile_time_s`` of the runs (the first run of each
+    method × budget cell compiles its programs) and the summed run time."""
+    comp = sum(float(r.get("compile_time_s", 0.0)) for r in rows)
+    run = sum(float(r.get("wall_time_s", 0.0)) for r in rows)
+    cells = len({(r["method"], int(r["budget"])) for r in rows})
+    return (f"time: {comp:.0f} s compiling ({cells} method × budget cells) + {run:.0f} s running "
+            f"{len(rows)} runs ({run / max(len(rows), 1):.1f} s per run)")
+
+
 def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dict:
     """Summary, markdown tables, the PF-vs-BoN line, and (``write``) table.md + the PNG."""
+    timing = timing_line(rows)  # the runs themselves (pf-argmax re-judges pf's runs)
     rows = list(rows) + argmax_rows(rows)
     summary = summarize(rows)
     budgets = sorted({int(r["budget"]) for r in rows})
@@ -507,8 +587,11 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
         match2 = pf_matching_budget(summary, method="pf-argmax")
         line += "\n" + matching_line(match2)
         paired_line += "\n" + format_paired(paired_difference(rows, "pf-argmax"), "pf-argmax")
+    notes = sample_size_warnings(summary)
+    for msg in notes:
+        warnings.warn(f"ppl scale: {msg}", UserWarning, stacklevel=2)
     out = dict(summary=summary, table=table, compute_table=compute, match=match, match_line=line,
-               paired=paired, paired_line=paired_line)
+               paired=paired, paired_line=paired_line, warnings=notes, timing_line=timing)
     if write:
         os.makedirs(cfg.output_dir, exist_ok=True)
         n_prompts = len({r["prompt"] for r in rows})
@@ -517,9 +600,10 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
                            os.path.join(cfg.output_dir, "accuracy_vs_budget.png"),
                            title=f"{cfg.task}: {n_prompts} prompts × {n_seeds} seeds (SmolLM2-135M)")
         with open(os.path.join(cfg.output_dir, "table.md"), "w") as f:
-            f.write(f"Accuracy (mean, ±95% CI over seeds, [95% bootstrap CI over prompts])\n\n{table}\n\n"
+            warn_md = "".join(f"\n**Warning:** {m}.\n" for m in notes)
+            f.write(f"{TABLE_HEADING}\n\n{table}\n{warn_md}\n"
                     f"Mean tokens generated / reward calls per run\n\n{compute}\n\n{line}\n\n"
-                    f"{paired_line}\n")
+                    f"{paired_line}\n\n{out['timing_line']}\n")
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(dict(config=cfg.as_dict(), summary=summary, match=match,
                            paired={str(k): v for k, v in paired.items()}), f, indent=1)
@@ -532,12 +616,41 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
 # ------------------------------------------------------------------------------------------------
 
 
+
+# Measured on a 2-core CPU (AMD EPYC, SmolLM2-135M, letter_words): 3-5 s per run at budgets 4-8,
+# roughly proportional to the budget above that, plus about 15 s compiling per method × budget cell.
+_SECONDS_PER_RUN_AT_8 = 4.5
+_COMPILE_SECONDS_PER_CELL = 15.0
+
+
+def estimate_seconds(num_methods: int, budgets: Sequence[int], num_prompts: int, seeds: int) -> float:
+    """Rough wall time of an experiment on a 2-core CPU (see the constants above)."""
+    per_prompt_seed = sum(_SECONDS_PER_RUN_AT_8 * max(b, 4) / 8 for b in budgets) * num_methods
+    return per_prompt_seed * num_prompts * seeds + _COMPILE_SECONDS_PER_CELL * num_methods * len(budgets)
+
+
+def _help_epilog() -> str:
+    from app.tasks import FAMILIES, get_tasks
+
+    n = len(get_tasks(sorted(FAMILIES)[0], None))
+    m = len(method_names())
+    budgets = (1, 2, 4, 8, 16, 32)
+    runs = m * len(budgets) * n * 2
+    hours = estimate_seconds(m, budgets, n, 2) / 3600
+    small = estimate_seconds(2, (1, 4), 2, 2) / 60
+    return (f"Run time: the defaults make {m} methods × {len(budgets)} budgets × {n} prompts × 2 seeds = "
+            f"{runs} runs, about {hours:.0f} hours on a 2-core CPU (about {_SECONDS_PER_RUN_AT_8:g} s per "
+            f"run at budget 8, growing with the budget, plus ≈ {_COMPILE_SECONDS_PER_CELL:g} s compiling "
+            f"per method × budget). Try first: --methods pf,bon --budgets 1,4 --num-prompts 2 "
+            f"(about {small:.0f} min). The command prints its own estimate before it starts.")
+
+
 def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``scale`` sub-command to an ``argparse`` sub-parser set; it dispatches to
     :func:`run_scale` (``args.func``)."""
     p = subparsers.add_parser(
         "scale", help="accuracy vs budget of inference-time scaling methods on a task family",
-        description=__doc__.split("\n\n")[0])
+        description=__doc__.split("\n\n")[0], epilog=_help_epilog())
     _add_arguments(p)
     p.set_defaults(func=run_scale)
     return p
@@ -598,23 +711,36 @@ def run_scale(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from app.tasks import get_tasks
+
+    n_prompts = len(get_tasks(cfg.task, cfg.num_prompts))
+    n_runs = len(cfg.methods) * len(cfg.budgets) * n_prompts * cfg.seeds
+    est = estimate_seconds(len(cfg.methods), cfg.budgets, n_prompts, cfg.seeds)
+    print(f"{n_runs} runs ({len(cfg.methods)} methods × {len(cfg.budgets)} budgets × {n_prompts} prompts × "
+          f"{cfg.seeds} seeds); rough estimate on a 2-core CPU: {est / 60:.0f} min", flush=True)
     t0 = time.perf_counter()
     rows = run_experiment(cfg, progress=not args.no_progress, resume=args.resume)
-    out = report(cfg, rows)
-    print(f"\n{cfg.task}: accuracy (mean, ±95% CI over seeds, [95% bootstrap CI over prompts])\n")
+    with warnings.catch_warnings():  # printed below, once
+        warnings.simplefilter("ignore", UserWarning)
+        out = report(cfg, rows)
+    print(f"\n{cfg.task}: {TABLE_HEADING}\n")
     print(out["table"])
+    for msg in out["warnings"]:
+        print(f"warning: {msg}", file=sys.stderr)
     print("\nmean tokens generated / reward calls per run\n")
     print(out["compute_table"])
     print("\n" + out["match_line"])
     if out["paired_line"]:
         print(out["paired_line"])
+    print(out["timing_line"])
     print(f"\nwrote {out['png']}, {os.path.join(cfg.output_dir, 'table.md')}, "
           f"{os.path.join(cfg.output_dir, 'results.json')} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.scale", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m app.scale", description=__doc__.split("\n\n")[0],
+                                epilog=_help_epilog())
     _add_arguments(p)
     return run_scale(p.parse_args(argv))
 

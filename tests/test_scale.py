@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 import os
 import types
 
@@ -89,7 +90,11 @@ def test_run_experiment_report_and_resume(tmp_path):
     saved = json.load(open(tmp_path / "results.json"))
     assert len(saved["rows"]) == len(rows) and saved["config"]["task"] == "letter_words"
     assert saved["config"]["max_steps_used"] == 4  # longest list (3) + 1
-    out = report(cfg, rows)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = report(cfg, rows)
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert any("only 3 prompt" in m for m in said) and any("only 6 run" in m for m in said)
     s = out["summary"]
     assert s["pf@1"]["accuracy"] == 0.0 and s["pf@2"]["accuracy"] == 1.0 and s["bon@2"]["accuracy"] == 0.0
     assert s["bon@4"]["tokens_generated"] == 20 and s["bon@4"]["reward_calls"] == 8
@@ -97,7 +102,13 @@ def test_run_experiment_report_and_resume(tmp_path):
     assert "smallest pf budget reaching it: 2" in out["match_line"]
     # paired differences pf − bon per budget: 0, +1, 0 on every (prompt, seed)
     assert {b: v["mean"] for b, v in out["paired"].items()} == {1: 0.0, 2: 1.0, 4: 0.0}
-    assert out["paired"][2]["ci"] == (1.0, 1.0) and out["paired"][2]["n_pairs"] == 6
+    p2 = out["paired"][2]
+    assert p2["n_pairs"] == 6 and (p2["wins"], p2["losses"]) == (6, 0)
+    assert p2["p_value"] == pytest.approx(2 / 2**6)  # exact McNemar: all 6 discordant pairs one way
+    assert all(math.isnan(x) for x in p2["ci"])  # 3 prompts < MIN_PROMPTS: no bootstrap interval
+    assert "no interval: 3 prompt(s)" in out["paired_line"] and "McNemar p = 0.031" in out["paired_line"]
+    assert len(out["warnings"]) == 2  # too few prompts, too few runs (6 per cell)
+    assert out["timing_line"].startswith("time: ")
     # the highest-weight candidate, judged from the stored candidates
     assert [s[f"pf-argmax@{b}"]["accuracy"] for b in (1, 2, 4)] == [1.0, 1.0, 1.0]
     assert rows[0]["candidates_correct"] == [False, True]
@@ -140,28 +151,62 @@ def test_summary_intervals():
     grid = (rng.random((12, 3)) < 0.4).astype(int)
     s = summarize(_rows(grid))["pf@4"]
     assert s["accuracy"] == pytest.approx(grid.mean())
-    per_seed = grid.mean(axis=0)
-    assert s["per_seed"] == pytest.approx(per_seed.tolist())
-    # Student t with 2 degrees of freedom: t_{0.975, 2} = 4.303
-    h = 4.303 * per_seed.std(ddof=1) / math.sqrt(3)
-    assert s["ci_seeds"][0] == pytest.approx(max(0, grid.mean() - h), abs=1e-9)
-    assert s["ci_seeds"][1] == pytest.approx(min(1, grid.mean() + h), abs=1e-9)
+    assert (s["successes"], s["n_runs"]) == (int(grid.sum()), 36)
+    assert s["per_seed"] == pytest.approx(grid.mean(axis=0).tolist())
+    # Wilson: the p with |k/n − p| = z √(p(1−p)/n), i.e. the roots of a quadratic
+    k, n, z = grid.sum(), grid.size, 1.959963984540054
+    roots = np.roots([1 + z * z / n, -(2 * k / n + z * z / n), (k / n) ** 2])
+    assert s["ci"] == pytest.approx(tuple(sorted(roots)), abs=1e-9)
     # the bootstrap over prompts is close to the normal interval of the per-prompt means
     pp = grid.mean(axis=1)
     se = pp.std(ddof=1) / math.sqrt(len(pp))
     lo, hi = s["ci_prompts"]
     assert lo <= grid.mean() <= hi
     assert abs((hi - lo) - 2 * 1.96 * se) < 0.5 * (2 * 1.96 * se)
-    # one seed: no seed interval
-    one = summarize(_rows(grid[:, :1]))["pf@4"]
-    assert all(math.isnan(x) for x in one["ci_seeds"])
+    # fewer than MIN_PROMPTS prompts: no bootstrap over prompts (too narrow to mean anything)
+    few = summarize(_rows(grid[: scale.MIN_PROMPTS - 1]))["pf@4"]
+    assert all(math.isnan(x) for x in few["ci_prompts"])
 
 
-def test_t_quantiles_are_exact_or_conservative():
-    from scipy import stats  # a jax dependency
-    for df in range(1, 200):
-        exact = stats.t.ppf(0.975, df)
-        assert exact - 1e-3 <= scale._t975(df) <= exact * 1.05, df
+def test_wilson_interval_is_valid_for_proportions():
+    """Inside [0, 1] at 0/n and n/n (where p̂ ± z·se collapses to a point), and covering p at
+    about the nominal rate: a broken (Wald) interval fails the coverage check at p = 0.05."""
+    assert scale.wilson_interval(0, 10)[0] == 0.0 and scale.wilson_interval(0, 10)[1] > 0.2
+    assert scale.wilson_interval(10, 10)[1] == 1.0 and scale.wilson_interval(10, 10)[0] < 0.8
+    assert scale.wilson_interval(1, 2) == pytest.approx((0.0945, 0.9055), abs=1e-3)
+
+    def coverage(interval, p, n=20, reps=4000):
+        k = np.random.default_rng(1).binomial(n, p, size=reps)
+        return np.mean([lo <= p <= hi for lo, hi in (interval(int(x), n) for x in k)])
+
+    def wald(k, n):
+        ph = k / n
+        h = 1.96 * math.sqrt(ph * (1 - ph) / n)
+        return ph - h, ph + h
+
+    for p in (0.05, 0.3, 0.5):
+        assert coverage(scale.wilson_interval, p) > 0.92, p
+    assert coverage(wald, 0.05) < 0.75
+
+
+def test_mcnemar_exact():
+    from scipy import stats
+
+    for w, l in ((6, 0), (3, 1), (10, 4), (0, 0), (5, 5)):
+        expect = 1.0 if w + l == 0 else stats.binomtest(w, w + l, 0.5).pvalue
+        assert scale.mcnemar_exact_p(w, l) == pytest.approx(expect, rel=1e-9)
+
+
+def test_paired_interval_stays_in_range():
+    """Paired differences of accuracies: the bootstrap interval lies in [−1, 1] even for extreme
+    data (a t interval on 5 prompts gave ranges like [−2.9, +3.4])."""
+    rng = np.random.default_rng(3)
+    a = (rng.random((6, 2)) < 0.9).astype(int)
+    b = (rng.random((6, 2)) < 0.1).astype(int)
+    d = scale.paired_difference(_rows(a, "pf", 2) + _rows(b, "bon", 2))[2]
+    lo, hi = d["ci"]
+    assert -1.0 <= lo <= d["mean"] <= hi <= 1.0
+    assert d["mean"] == pytest.approx((a - b).mean())
 
 
 def test_pf_matching_budget():
@@ -184,7 +229,7 @@ def test_table_format():
     t = format_table(summarize(rows), ["pf", "bon", "sc"], [2, 4])
     lines = t.splitlines()
     assert lines[0] == "| method | B=2 | B=4 |" and len(lines) == 5
-    assert lines[3].startswith("| bon | 1.00 ±0.00 [1.00, 1.00] | – |")
+    assert lines[3].startswith("| bon | 1.00 [0.72, 1.00] 10/10 | – |")
 
 
 def test_bad_configuration_is_rejected():
