@@ -26,6 +26,8 @@ def _mkdocs_build(config: Path, site_dir: Path) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config),
          "-d", str(site_dir)],
         cwd=config.parent,
+        # the docstring extension (mkdocs_ext/) is imported from the repository root
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
         capture_output=True,
         text=True,
         timeout=300,
@@ -55,6 +57,19 @@ def test_mkdocs_build_strict(tmp_path):
                 "app.scale", "models.diffusion", "ppl.feynman_kac.AbstractFeynmanKac",
                 "samplers.resampling.Systematic", "ppl.state_space.StateSpaceModel"):
         assert f'id="{obj}"' in api, f"API reference lacks {obj}"
+    # offline: every script and stylesheet is served with the site (MathJax and its fonts too)
+    site = tmp_path / "site"
+    for page in site.rglob("*.html"):
+        text = page.read_text()
+        remote = re.findall(r'<script[^>]+src="(https?://[^"]+)"', text)
+        remote += re.findall(r'<link[^>]+href="(https?://[^"]+\.css[^"]*)"', text)
+        assert not remote, f"{page.relative_to(site)} loads {remote} from the network"
+        # docstrings' Sphinx roles were turned into cross-references (mkdocs_ext/sphinx_roles.py)
+        raw = re.findall(r":(?:func|class|meth|mod|data):`[^`]+`", text)
+        assert not raw, f"{page.relative_to(site)} shows raw roles {raw[:3]}"
+    assert (site / "javascripts/mathjax/tex-chtml-full.js").stat().st_size > 1_000_000
+    assert len(list((site / "javascripts/mathjax/output/chtml/fonts/woff-v2").glob("*.woff"))) >= 20
+    assert api.count('class="autorefs autorefs-internal"') >= 50, "docstring roles are not links"
 
 
 @pytest.mark.slow
@@ -127,3 +142,37 @@ def test_tempering_page_code_runs(tmp_path):
     assert proc.returncode == 0, f"tempering.md code failed:\n{proc.stdout}\n{proc.stderr}"
     err = float(re.search(r"largest posterior-mean error: ([0-9.]+)", proc.stdout).group(1))
     assert err < 0.45, proc.stdout  # N = 256: the 3.5-standard-error bound of test_tempering, × √2
+
+
+# Every ```python block of these pages runs, in order, as one script (pages with their own test
+# above are not repeated). Long runs are shrunk by textual substitutions, each of which must still
+# match the page (so the page and its test cannot drift apart silently).
+_PAGES = {
+    "README.md": {},
+    "docs/llm_runtime.md": {},
+    "docs/particle_mcmc.md": {
+        "num_particles=256, num_warmup=1000, num_samples=2000": "num_particles=32, num_warmup=20, num_samples=20",
+        "num_chains=4)                      # 4 chains": "num_chains=2)                      # 2 chains",
+        "num_particles=32, num_warmup=200, num_samples=800": "num_particles=8, num_warmup=5, num_samples=5",
+        "num_chains=4, theta_update=step": "num_chains=2, theta_update=step",
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", sorted(_PAGES))
+def test_docs_code_blocks_run(page, tmp_path):
+    text = (ROOT / page).read_text()
+    blocks = _python_blocks(text)
+    assert blocks, f"{page} has no python blocks"
+    code = "\n\n".join(blocks)
+    for old, new in _PAGES[page].items():
+        assert old in code, f"{page} no longer contains {old!r}: update _PAGES"
+        code = code.replace(old, new)
+    script = tmp_path / "page.py"
+    script.write_text(code)
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{page} code failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"

@@ -1,0 +1,1 @@
+"""Build-time extensions of the documentation site (not part of the library)."""
