@@ -332,6 +332,36 @@ class TemperedSMCResult(NamedTuple):
     particles: Float[Array, "N D"]
     smc: SMCResult
 
+    def to_inference_data(self, key: PRNGKeyArray | None = None):
+        """arviz ``InferenceData``: ``posterior`` holds N equally weighted draws (one chain; the
+        weighted particles resampled systematically with ``key``, default ``jax.random.key(0)``),
+        ``sample_stats`` their log-likelihood (``total_log_likelihood``), and the group ``smc_path`` the path per step
+        (λ, ESS, acceptance, mean squared jump, MCMC transitions) with ``log_evidence``,
+        ``num_steps`` and ``num_unmixed_steps`` as attributes. Not under ``jit``."""
+        import xarray as xr
+
+        from samplers.mcmc_output import to_inference_data
+        from samplers.resampling import Systematic
+
+        key = jax.random.key(0) if key is None else key
+        n = self.log_weights.shape[0]
+        idx = np.asarray(Systematic()(key, self.log_weights, n))
+        post = {k: np.asarray(v)[idx][None] for k, v in self.samples.items()}
+        ll = np.asarray(self.smc.particles.log_likelihood)[idx][None]
+        idata = to_inference_data(post, sample_stats={"total_log_likelihood": ll})
+        t = int(self.num_steps)
+        path = xr.Dataset(
+            {name: ("step", np.asarray(v)[:t]) for name, v in (
+                ("lambda", self.lambdas), ("ess", self.ess), ("acceptance_rate", self.acceptance_rate),
+                ("jump", self.jump), ("mcmc_steps", self.mcmc_steps))},
+            coords={"step": np.arange(t)},
+            attrs={"log_evidence": float(self.log_evidence), "num_steps": t,
+                   "num_unmixed_steps": int(self.num_unmixed_steps),
+                   "reached_max_steps": bool(self.reached_max_steps)},
+        )
+        idata.add_groups({"smc_path": path}, warn_on_custom_groups=False)
+        return idata
+
 
 def tempered_smc(
     key: PRNGKeyArray,

@@ -320,3 +320,23 @@ def test_logistic_regression_adaptive_random_walk_mixes(logistic):
     print("adaptive RWM: max |Δmean|/sd", err, "moves", res.mcmc_steps[:t])
     assert err < LR_MEAN_TOL and np.all(np.abs(sd_ratio - 1) < LR_SD_TOL)
     assert np.all(res.mcmc_steps[1:t] > 5) and np.all(res.jump[1:t] >= 1.0)
+
+
+def test_inference_data(logistic):
+    """arviz export: equally weighted draws whose means are the weighted means (up to the
+    systematic resampling error), and the tempering path as its own group."""
+    target, ref = logistic
+    res = tempered_smc(jax.random.key(3), target, num_particles=64, max_steps=30)
+    idata = res.to_inference_data()
+    b = idata.posterior["b"].values
+    assert b.shape == (1, 64, 30) and idata.posterior["b0"].values.shape == (1, 64)
+    # each particle appears c_i times with |c_i − N W_i| < 1 (systematic resampling)
+    w = np.exp(np.asarray(res.log_weights, np.float64))
+    rows = {r.tobytes(): i for i, r in enumerate(np.asarray(res.samples["b"]))}
+    counts = np.bincount([rows[r.tobytes()] for r in b[0]], minlength=64)
+    assert np.all(np.abs(counts - 64 * w) < 1), np.max(np.abs(counts - 64 * w))
+    path = idata.smc_path
+    t = int(res.num_steps)
+    assert path.sizes["step"] == t and float(path["lambda"][-1]) == 1.0
+    assert path.attrs["log_evidence"] == pytest.approx(float(res.log_evidence))
+    assert idata.sample_stats["total_log_likelihood"].shape == (1, 64)
