@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl import checks, tree
+from ppl import progress as progress_bar
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.state_space import StateSpaceModel
 from samplers.parameters import ParameterSpace, make_params_fn, place_params
@@ -281,6 +282,7 @@ def particle_gibbs(
     ess_threshold: float = 1.0,
     thin: int = 1,
     store_trajectories: bool = True,
+    progress: bool = True,
 ) -> ParticleGibbsResult:
     """Particle Gibbs for a state-space model, ``num_chains`` chains by ``vmap``, compiled whole.
 
@@ -296,6 +298,7 @@ def particle_gibbs(
 
     ``theta_update`` is part of the compiled program's static signature: define it once (or use
     :func:`blackjax_theta_update`, a module whose arrays are traced) to reuse the compilation.
+    ``progress``: a progress bar over the sweeps (stderr; only for an eager call).
     """
     checks.positive_int("num_particles", num_particles)
     checks.positive_int("num_samples", num_samples)
@@ -338,9 +341,13 @@ def particle_gibbs(
         resampling=resampling,
         ess_threshold=float(ess_threshold),
         store=bool(store_trajectories),
+        progress=False,
     )
     keys = jax.random.split(k_run, num_chains)
-    out = _pg_run(keys, ssm, observations, theta0, x0, theta_update, to_params, cfg)
+    total = num_warmup + num_samples * thin
+    enabled = bool(progress) and not progress_bar.is_traced(key, observations, theta0)
+    with progress_bar.bar(total, "particle Gibbs", enabled, unit="sweep") as on:
+        out = _pg_run(keys, ssm, observations, theta0, x0, theta_update, to_params, cfg._replace(progress=on))
     theta_s, x_s, moved, log_z, n_ext = out
     denom = max(num_samples * thin, 1)
     return ParticleGibbsResult(
@@ -362,6 +369,7 @@ class _PGConfig(NamedTuple):
     resampling: Any
     ess_threshold: float
     store: bool
+    progress: bool
 
 
 def _keep_params(theta):
@@ -443,6 +451,8 @@ def _pg_run(keys, ssm, observations, theta0, x0, theta_update, to_params, cfg: _
         def body(carry, inp):
             theta, x, moved, n_ext, th_buf, x_buf, lz_buf = carry
             i, k = inp
+            if cfg.progress:
+                progress_bar.tick(i + 1, progress_bar.every(total))
             theta, x, out = sweep(theta, x, k)
             j = i - cfg.num_warmup
             sampling = j >= 0

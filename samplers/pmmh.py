@@ -35,6 +35,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl import checks, tree
+from ppl import progress as progress_bar
 from ppl.state_space import StateSpaceModel
 from samplers.parameters import ParameterSpace, make_params_fn, place_params
 from samplers.smc import smc
@@ -135,6 +136,7 @@ class _RWConfig(NamedTuple):
     scale: float
     adapt_start: int
     target_acceptance: float | None
+    progress: bool
 
 
 class _ChainState(NamedTuple):
@@ -157,6 +159,8 @@ def random_walk_metropolis(
     adapt: bool = True,
     scale: float = 1.0,
     target_acceptance: float | None = 0.234,
+    progress: bool = True,
+    _desc: str = "random-walk Metropolis",
 ) -> MCMCResult:
     """Adaptive random-walk Metropolis on θ with a (possibly estimated) log-likelihood.
 
@@ -167,7 +171,7 @@ def random_walk_metropolis(
     in the unconstrained space (default 0.1² I); with ``adapt`` it is replaced during warmup by
     ``s² · scale² · 2.38²/d`` times a running covariance of the warmup states, the global factor
     s being tuned towards ``target_acceptance`` (``None``: s = 1). The proposal is frozen after
-    warmup.
+    warmup. ``progress``: a progress bar over the iterations (stderr; only for an eager call).
     """
     if target_acceptance is not None:
         checks.probability("target_acceptance", target_acceptance, strict=True)
@@ -199,9 +203,12 @@ def random_walk_metropolis(
         scale=float(scale),
         adapt_start=max(min(50, num_warmup // 8), 2 * d),
         target_acceptance=None if target_acceptance is None else float(target_acceptance),
+        progress=False,
     )
     keys = jax.random.split(k_run, num_chains)
-    result = _rw_run(keys, u0, space, log_likelihood, proposal_cov, cfg)
+    total = 1 + num_warmup + num_samples
+    with progress_bar.bar(total, _desc, bool(progress) and not progress_bar.is_traced(key, u0)) as on:
+        result = _rw_run(keys, u0, space, log_likelihood, proposal_cov, cfg._replace(progress=on))
     warn_stuck_chains(result)
     return result
 
@@ -249,6 +256,7 @@ def pmmh(
     resampling: Any = "systematic",
     ess_threshold: float = 0.5,
     proposal: Callable | None = None,
+    progress: bool = True,
 ) -> MCMCResult:
     """PMMH for the parameters θ of a state-space model (``num_chains`` chains by ``vmap``).
 
@@ -278,6 +286,8 @@ def pmmh(
         adapt=adapt,
         scale=scale,
         target_acceptance=target_acceptance,
+        progress=progress,
+        _desc="PMMH",
     )
 
 
@@ -352,6 +362,8 @@ def _rw_run(keys, u0, space: ParameterSpace, log_likelihood, cov0, cfg: _RWConfi
         def body(carry, inp):
             state, ad, n_nf = carry
             it, k = inp  # it = 0: initial point; 1..W: warmup; then sampling
+            if cfg.progress:
+                progress_bar.tick(it + 1, progress_bar.every(total))
             k_prop, k_ll, k_acc = jax.random.split(k, 3)
             step = jnp.where(it == 0, 0.0, 1.0)
             u_new = state.u + step * (ad.chol @ jax.random.normal(k_prop, (d,)))

@@ -49,6 +49,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl import checks
+from ppl import progress as progress_bar
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.numpyro_model import NumpyroModel, from_numpyro
 from samplers.mcmc_kernels import AbstractMCMCKernel, get_kernel
@@ -92,6 +93,7 @@ class AdaptiveTempering(AbstractFeynmanKac):
         target_ess: ρ ∈ (0, 1), the (conditional) ESS fraction kept at each step.
         criterion: ``"cess"`` (conditional ESS, default) or ``"ess"`` (ESS of W·g).
         bisection_steps: bisection iterations for λ_t.
+        progress: report λ_t to the open progress bar (:mod:`ppl.progress`) at every step.
 
     Array leaves (changed by ``adapt``): ``lam`` (λ of the current step), ``lam_prev``, the next
     move's ``step_size`` and ``cov``, and of this step's move ``acceptance`` (mean acceptance),
@@ -112,6 +114,7 @@ class AdaptiveTempering(AbstractFeynmanKac):
     num_mcmc_steps: int = eqx.field(static=True)
     max_mcmc_steps: int = eqx.field(static=True)
     target_jump: float = eqx.field(static=True)
+    progress: bool = eqx.field(static=True)
     target_ess: float = eqx.field(static=True)
     criterion: str = eqx.field(static=True)
     bisection_steps: int = eqx.field(static=True)
@@ -130,6 +133,7 @@ class AdaptiveTempering(AbstractFeynmanKac):
         target_ess: float = 0.5,
         criterion: str = "cess",
         bisection_steps: int = 40,
+        progress: bool = False,
     ):
         for attr in ("dim", "log_prior", "log_likelihood", "sample_prior"):
             if not hasattr(target, attr):
@@ -163,6 +167,7 @@ class AdaptiveTempering(AbstractFeynmanKac):
         self.num_mcmc_steps = num_mcmc_steps
         self.max_mcmc_steps = int(max_mcmc_steps)
         self.target_jump = float(target_jump)
+        self.progress = bool(progress)
         self.target_ess = float(target_ess)
         self.criterion = criterion
         self.bisection_steps = bisection_steps
@@ -266,6 +271,8 @@ class AdaptiveTempering(AbstractFeynmanKac):
 
     def adapt(self, t, particles: TemperedParticles, log_weights) -> "AdaptiveTempering":
         lam = self.next_lambda(log_weights, particles.log_likelihood)
+        if self.progress:
+            progress_bar.tick(lam)
         ll = jnp.where(jnp.isnan(particles.log_likelihood), -jnp.inf, particles.log_likelihood)
         delta = lam - self.lam
         w = jnp.exp(normalise(log_weights + jnp.where(delta > 0, delta * ll, 0.0)))
@@ -376,6 +383,7 @@ def tempered_smc(
     max_steps: int = 100,
     resampling: str | AbstractResampling = "systematic",
     criterion: str = "cess",
+    progress: bool = True,
     **model_kwargs: Any,
 ) -> TemperedSMCResult:
     """Adaptive tempered SMC on a numpyro model: posterior samples and log evidence.
@@ -388,7 +396,8 @@ def tempered_smc(
     ``max_mcmc_steps`` transitions of ``kernel`` (HMC by default), until the particles' mean squared
     jump reaches ``target_jump``. Called eagerly, it warns (``RuntimeWarning``) when a move ended
     below that target, when λ did not reach 1 within ``max_steps``, and (from the engine) about NaN
-    log-likelihoods and extinction; the result carries the same facts as fields.
+    log-likelihoods and extinction; the result carries the same facts as fields. ``progress``: a
+    progress bar of λ from 0 to 1 (stderr; only for an eager call).
     """
     if isinstance(numpyro_model, NumpyroModel):
         if model_args or model_kwargs:
@@ -398,16 +407,19 @@ def tempered_smc(
         target = from_numpyro(numpyro_model, *model_args, **model_kwargs)
     checks.positive_int("num_particles", num_particles, minimum=2)
     checks.positive_int("max_steps", max_steps)
-    fk = AdaptiveTempering(
-        target,
-        kernel=kernel,
-        num_mcmc_steps=num_mcmc_steps,
-        max_mcmc_steps=max_mcmc_steps,
-        target_jump=target_jump,
-        target_ess=target_ess,
-        criterion=criterion,
-    )
-    res = smc(key, fk, num_particles, resampling=resampling, ess_threshold=1.0, max_steps=max_steps)
+    enabled = bool(progress) and not progress_bar.is_traced(key, target)
+    with progress_bar.bar(100, "tempered SMC (λ %)", enabled, unit="%", scale=100.0) as on:
+        fk = AdaptiveTempering(
+            target,
+            kernel=kernel,
+            num_mcmc_steps=num_mcmc_steps,
+            max_mcmc_steps=max_mcmc_steps,
+            target_jump=target_jump,
+            target_ess=target_ess,
+            criterion=criterion,
+            progress=on,
+        )
+        res = smc(key, fk, num_particles, resampling=resampling, ess_threshold=1.0, max_steps=max_steps)
     past = jnp.arange(max_steps) >= res.num_steps
     info = res.model_info
     moved = ~past & (jnp.arange(max_steps) > 0)
