@@ -199,7 +199,8 @@ def warn_failures(result: SMCResult) -> None:
     """Warn (after the compiled call) about NaN log-potentials, extinction and a final ESS below
     ``max(1.5, LOW_FINAL_ESS · N)`` recorded in ``result``; silent under a transformation (traced
     values: the caller reads the fields)."""
-    if isinstance(result.extinct, jax.core.Tracer) or jnp.ndim(result.extinct) != 0:
+    fields = (result.extinct, result.ess, result.num_steps, result.num_nan_potentials)
+    if any(isinstance(x, jax.core.Tracer) for x in fields) or jnp.ndim(result.extinct) != 0:
         return
     nans = int(result.num_nan_potentials)
     if nans:
