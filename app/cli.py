@@ -2,6 +2,7 @@
 run, help), built once below (nothing registers itself).
 
     ppl generate "Why is the sky blue?" --max-new-tokens 128 --temperature 0.7 --top-p 0.9
+    ppl generate "Write a short sentence about a cat." --particles 16 --constraint lipogram --temperature 0.8
     ppl scale --task letter_words --methods pf,bon --budgets 1,2,4,8
 """
 
@@ -31,6 +32,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; 'mixed': bfloat16 matmuls, float32 activations and KV "
                         "cache (fastest on CPUs with bf16 units)")
     p.add_argument("--no-cache", action="store_true", help="do not use the on-disk JAX compilation cache")
+    p.add_argument("--particles", type=int, default=None,
+                   help="steer with a particle filter of this many particles over words, the "
+                        "--constraint as process reward (instead of one streamed sample)")
+    p.add_argument("--constraint", default="lipogram",
+                   help="with --particles: the constraint (lipogram: no letter 'e')")
+    p.add_argument("--max-steps", type=int, default=24, help="with --particles: most words")
 
 
 def _enable_compilation_cache() -> None:
@@ -80,13 +87,53 @@ def run_generate(args: argparse.Namespace, out=None) -> int:
                         top_p=None if args.top_p == 1 else args.top_p)
     if not args.no_cache:
         _enable_compilation_cache()
+    if args.particles is not None:
+        _check_steering(args)
     model, tok = load_model(args)
+    if args.particles is not None:
+        return _run_steered(args, model, tok, sampling, out)
+    stats: dict = {}
     for piece in stream_text(model, tok, args.prompt, jax.random.key(args.seed), max_new_tokens=args.max_new_tokens,
-                             sampling=sampling, chat=not args.raw, system=args.system):
+                             sampling=sampling, chat=not args.raw, system=args.system, stats=stats):
         out.write(piece)
         out.flush()
     out.write("\n")
     out.flush()
+    rate = (stats["tokens"] - 1) / stats["decode_s"] if stats["tokens"] > 1 and stats["decode_s"] > 0 else float("nan")
+    print(f"[{stats['tokens']} tokens; first token after {stats['first_token_s']:.2f} s (prefill and "
+          f"compilation), then {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _check_steering(args) -> None:
+    from app.steer import CONSTRAINTS
+
+    if args.particles < 1:
+        raise ValueError(f"--particles must be >= 1, got {args.particles}")
+    if args.constraint not in CONSTRAINTS:
+        raise ValueError(f"unknown --constraint {args.constraint!r}; choose from {sorted(CONSTRAINTS)}")
+    if args.raw or args.system:
+        raise ValueError("--particles uses the chat template without a system message")
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+
+
+def _run_steered(args, model, tok, sampling, out) -> int:
+    """``ppl generate --particles N``: the particle filter of :mod:`app.steer`."""
+    import jax
+
+    from app.steer import CONSTRAINTS, steer
+    from models.llm_fk.step_lm import StepLM
+
+    c = CONSTRAINTS[args.constraint]
+    lm = StepLM(model, tok, tok.token_ids_containing(" "), None, sampling)
+    res = steer(lm, args.prompt, c, jax.random.key(args.seed), num_particles=args.particles,
+                max_steps=args.max_steps)
+    out.write(res.text + "\n")
+    out.flush()
+    print(f"[particle filter, {args.particles} particles over words, constraint {c.name}: "
+          f"{'satisfied' if res.satisfied else 'NOT satisfied'}; {res.tokens} tokens generated; "
+          f"run {res.run_s:.1f} s, compilation {res.compile_s:.1f} s]", file=sys.stderr)
     return 0
 
 

@@ -1,13 +1,20 @@
-"""Main demo: a bootstrap particle filter on a simulated stochastic-volatility series.
+"""Main demo: the same SMC engine on a state-space model and steering an LLM.
 
     python -m app.demo [--num-particles 1000] [--num-steps 500] [--seed 0]
                           [--num-runs 10] [--output outputs/sv_filter.png]
+                          [--llm-runs 3] [--llm-particles 16] [--no-llm]
 
+Part 1, a bootstrap particle filter on a simulated stochastic-volatility series:
 It simulates y_{0:T-1} from the stochastic-volatility model (Kim, Shephard & Chib 1998), runs the
 bootstrap filter (Gordon, Salmond & Smith 1993) with the compiled SMC engine, and prints the
 log-evidence log Ẑ (with its spread over independent runs, vmapped into one call), the ESS trace
 and the run time. It plots the observations, the true log-volatility and the filtered mean
 E[x_t | y_{0:t}] with a 90 % band (weighted 5 % and 95 % quantiles of the particles at each step).
+
+Part 2, the project's idea on an LLM (:mod:`app.steer`): SmolLM2-135M is asked for a sentence
+about a cat without the letter "e". A particle filter over words (16 particles, the constraint as a
+process reward) against best-of-16 plain samples under the same score, over a few seeded runs:
+both answers of each run and the satisfaction rates are printed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="independent runs for the spread of log Ẑ (10)")
     parser.add_argument("--output", default=os.path.join("outputs", "sv_filter.png"),
                         help="where to write the plot (outputs/sv_filter.png)")
+    parser.add_argument("--llm-runs", type=int, default=3,
+                        help="seeded runs of the LLM steering comparison (3)")
+    parser.add_argument("--llm-particles", type=int, default=16,
+                        help="particles of the filter = samples of best-of-N (16)")
+    parser.add_argument("--no-llm", action="store_true", help="skip the LLM steering part")
     return parser
 
 
@@ -65,6 +77,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_runs < 2:
         raise SystemExit("--num-runs must be >= 2 (the spread of log Ẑ needs two runs)")
+    if args.llm_runs < 1 or args.llm_particles < 1:
+        raise SystemExit("--llm-runs and --llm-particles must be >= 1")
 
 
 def _plot(path, ys, xs, mean, band):
@@ -156,7 +170,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     _plot(args.output, np.asarray(ys), np.asarray(xs), np.asarray(mean), np.asarray(band))
     print(f"plot written to {summary['output']}")
+    if not args.no_llm:
+        summary["llm"] = llm_steering(args.llm_runs, args.llm_particles, args.seed)
     return summary
+
+
+LLM_PROMPT = "Write a short sentence about a cat."
+
+
+def llm_steering(runs: int, particles: int, seed: int, max_steps: int = 24) -> dict:
+    """Part 2 (see the module docstring); returns :func:`app.steer.compare`'s rates."""
+    from app.steer import CONSTRAINTS, compare, load_lm
+
+    constraint = CONSTRAINTS["lipogram"]
+    print(f"\nLLM steering: SmolLM2-135M, prompt {LLM_PROMPT!r}, constraint: {constraint.description}")
+    print(f"particle filter over words (N = {particles}) against best-of-{particles} plain samples, "
+          f"{runs} seeded run(s) each (the first of each compiles):")
+    start = time.perf_counter()
+    lm = load_lm()
+    out = compare(lm, LLM_PROMPT, constraint, runs=runs, num_particles=particles, seed=seed,
+                  max_steps=max_steps)
+    print(f"satisfied: particle filter {out['pf_satisfied']:.0%} of runs "
+          f"({out['pf_tokens']:.0f} tokens per run), best-of-{particles} {out['bon_satisfied']:.0%} "
+          f"({out['bon_tokens']:.0f} tokens per run); plain samples {out['plain_sample_rate']:.1%}")
+    print(f"LLM part: {time.perf_counter() - start:.0f} s")
+    return {k: v for k, v in out.items() if k != "results"}
 
 
 if __name__ == "__main__":

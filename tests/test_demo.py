@@ -14,7 +14,7 @@ def test_demo_runs_and_writes_plot(tmp_path, capsys):
     out = tmp_path / "plots" / "sv.png"
     n, steps = 32, 20
     summary = main(["--num-particles", str(n), "--num-steps", str(steps), "--seed", "1",
-                    "--num-runs", "2", "--output", str(out)])
+                    "--num-runs", "2", "--output", str(out), "--no-llm"])
     printed = capsys.readouterr().out
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot written to {out}" in printed
@@ -39,3 +39,31 @@ def test_weighted_quantiles():
     lw = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]]))
     q = weighted_quantiles(x, lw + 7.0, (0.05, 0.15, 0.45, 0.55, 0.95))  # unnormalised is fine
     np.testing.assert_array_equal(np.asarray(q), [[1.0, 1.0, 2.0, 3.0, 4.0]])
+
+
+@pytest.mark.slow
+def test_demo_llm_steering_part_runs(capsys):
+    """Part 2 at toy size (2 particles, 3 word-steps, 1 run): both methods run on SmolLM2 and the
+    rates are printed."""
+    from app.demo import llm_steering
+
+    out = llm_steering(runs=1, particles=2, seed=0, max_steps=3)
+    printed = capsys.readouterr().out
+    assert "particle filter over words" in printed and "pf run 0" in printed and "bon run 0" in printed
+    assert set(out) >= {"pf_satisfied", "bon_satisfied", "plain_sample_rate"}
+    assert 0.0 <= out["plain_sample_rate"] <= 1.0 and out["pf_tokens"] > 0
+
+
+def test_lipogram_constraint():
+    from app.steer import CONSTRAINTS
+
+    c = CONSTRAINTS["lipogram"]
+    assert c.satisfied("A fun and playful cat with a wagging tail.")
+    assert not c.satisfied("A cat with a smile.")                    # an e
+    assert not c.satisfied("A cat sat on a mat")                      # no final stop
+    assert not c.satisfied("A cat sat.")                              # < 5 words
+    assert not c.satisfied("Amazing cat 🐦🐦 is so big.")              # not ASCII letters
+    # the step score: exp(−4 · violations so far); an unfinished prefix is not judged on length
+    assert c.step_score("A cat", False) == 1.0
+    assert abs(c.step_score("The cat", False) - np.exp(-4.0)) < 1e-12
+    assert abs(c.step_score("The cat sees", False) - np.exp(-12.0)) < 1e-12

@@ -27,13 +27,17 @@ def test_generate_streams_the_greedy_completion(capsys):
     argv = ["generate", "hello world", "--gguf", path, "--raw", "--temperature", "0", "--max-new-tokens", "12",
             "--no-cache"]
     assert cli.main(argv) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     # The same text as the batched while_loop decoder gives for that prompt.
     model, tok, _ = load_gguf(path)
     ref = generate_text(model, tok, ["hello world"], jax.random.key(0), max_new_tokens=12, sampling=Sampling(0.0),
                         chat=False)
     assert text == ref.texts[0] + "\n"
     assert len(text.strip()) > 0
+    # the timing line on stderr: tokens, time to the first token, tokens/s
+    err = captured.err
+    assert "tokens; first token after" in err and "tokens/s]" in err
 
 
 def test_generate_streams_piece_by_piece():
@@ -53,6 +57,12 @@ def test_generate_rejects_bad_options(monkeypatch, capsys):
     monkeypatch.undo()
     assert cli.main(["generate", "hi", "--gguf", os.path.join(_TMP, "missing.gguf"), "--no-cache"]) == 2
     assert "GGUF file not found" in capsys.readouterr().err
+    # steering options are checked before any model is loaded
+    monkeypatch.setattr(cli, "load_model", lambda args: (_ for _ in ()).throw(AssertionError("not reached")))
+    assert cli.main(["generate", "hi", "--particles", "0"]) == 2
+    assert "--particles must be >= 1" in capsys.readouterr().err
+    assert cli.main(["generate", "hi", "--particles", "4", "--constraint", "sonnet"]) == 2
+    assert "unknown --constraint 'sonnet'" in capsys.readouterr().err
 
 
 def test_cli_help_lists_generate():

@@ -66,17 +66,34 @@ def stream_text(
     sampling: Sampling = Sampling(),
     chat: bool = True,
     system: str | None = None,
+    stats: dict | None = None,
 ) -> Iterator[str]:
-    """Yield the completion of one prompt piece by piece, one jitted decode step per token."""
+    """Yield the completion of one prompt piece by piece, one jitted decode step per token.
+
+    ``stats`` (a dict, optional) receives ``tokens`` (generated), ``first_token_s`` (prefill and
+    the first decode step, compilation included on a first call) and ``decode_s`` (the other
+    tokens), so that tokens/s = (tokens − 1) / decode_s."""
+    import time
+
+    stats = {} if stats is None else stats
+    t0 = time.perf_counter()
     ids = encode_prompts(tokenizer, [prompt], chat, system)
     state = start(model, ids, max_new_tokens)
     eos = tokenizer.eos_ids or model.config.eos_token_ids
     generated: list[int] = []
     shown = ""
+    t_first = None
+    stats.update(tokens=0, first_token_s=0.0, decode_s=0.0)
     for _ in range(max_new_tokens):
         key, sub = jax.random.split(key)
         state, tok, _ = decode_step(model, state, sub, sampling, eos)
         t = int(tok[0])
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+            stats["first_token_s"] = now - t0
+        stats["tokens"] += 1
+        stats["decode_s"] = now - t_first
         if t in eos:
             break
         generated.append(t)
