@@ -25,6 +25,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ppl.functions import static_function
 from ppl import checks, tree
 
 Particles = PyTree  # leaves with leading axis N
@@ -126,11 +127,11 @@ class VmappedFeynmanKac(AbstractFeynmanKac):
     be differentiated with respect to it); the functions themselves are static.
     """
 
-    init_one: Callable = eqx.field(static=True)
-    move_one: Callable = eqx.field(static=True)
-    log_potential_one: Callable = eqx.field(static=True)
-    log_transition_one: Callable | None = eqx.field(static=True, default=None)
-    done_one: Callable | None = eqx.field(static=True, default=None)
+    init_one: Callable = eqx.field(static=True, converter=static_function)
+    move_one: Callable = eqx.field(static=True, converter=static_function)
+    log_potential_one: Callable = eqx.field(static=True, converter=static_function)
+    log_transition_one: Callable | None = eqx.field(static=True, converter=static_function, default=None)
+    done_one: Callable | None = eqx.field(static=True, converter=static_function, default=None)
     params: Any = None
     num_steps: int | None = eqx.field(static=True, default=None)
 

@@ -40,6 +40,7 @@ from numpyro.infer.util import (
     unconstrain_fn,
 )
 
+from ppl.functions import static_function
 from ppl import checks
 
 __all__ = ["NumpyroModel", "from_numpyro"]
@@ -52,7 +53,7 @@ class NumpyroModel(eqx.Module):
     under ``jit``, not baked in); the model callable and the site layout are static.
     """
 
-    model: Callable = eqx.field(static=True)
+    model: Callable = eqx.field(static=True, converter=static_function)
     model_args: tuple
     model_kwargs: dict
     latent_sites: tuple[str, ...] = eqx.field(static=True)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
+from ppl.functions import static_function
 from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 
@@ -47,9 +48,9 @@ class StateSpaceModel(eqx.Module):
     ``t`` is a traced int32 scalar; index per-time covariates with it.
     """
 
-    initial: Callable = eqx.field(static=True)
-    transition: Callable = eqx.field(static=True)
-    observation: Callable = eqx.field(static=True)
+    initial: Callable = eqx.field(static=True, converter=static_function)
+    transition: Callable = eqx.field(static=True, converter=static_function)
+    observation: Callable = eqx.field(static=True, converter=static_function)
     params: Any = None
     vectorized: bool = eqx.field(static=True, default=False)
 
@@ -225,7 +226,7 @@ class OnlineBootstrapFilter(BootstrapFilter):
 class GuidedFilter(BootstrapFilter):
     """Guided filter with proposal q_t; G_t = p(y_t|x_t) p(x_t|x_{t-1}) / q_t(x_t|x_{t-1}, y_t)."""
 
-    proposal: Callable = eqx.field(static=True)
+    proposal: Callable = eqx.field(static=True, converter=static_function)
 
     def init(self, key, num_particles):
         y0 = _y(self.observations, 0)
