@@ -45,7 +45,8 @@ def bar(total: int | float, desc: str, enabled: bool, *, unit: str = "it", scale
     except ImportError:  # pragma: no cover - tqdm is a dependency
         yield False
         return
-    t = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+    fmt = None if scale == 1.0 else "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}]"
+    t = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, bar_format=fmt)
     _OPEN.append((t, scale))
     try:
         yield True
