@@ -1,11 +1,14 @@
-"""The Feynman-Kac protocol.
+r"""The Feynman-Kac protocol.
 
-A Feynman-Kac model on steps t = 0, ..., T-1 is a Markov chain with initial law M_0 and kernels M_t,
-together with potentials G_t. Its (unnormalised) path measure is
+A Feynman-Kac model on steps \(t = 0, \dots, T-1\) is a Markov chain with initial law \(M_0\) and
+kernels \(M_t\), together with potentials \(G_t\). Its (unnormalised) path measure is
 
-    Q_T(dx_{0:T-1}) ∝ M_0(dx_0) G_0(x_0) ∏_{t≥1} M_t(x_{t-1}, dx_t) G_t(x_{t-1}, x_t)
+\[
+\mathbb{Q}_T(\mathrm{d}x_{0:T-1}) \propto M_0(\mathrm{d}x_0)\, G_0(x_0)
+\prod_{t \ge 1} M_t(x_{t-1}, \mathrm{d}x_t)\, G_t(x_{t-1}, x_t)
+\]
 
-with normalising constant Z_T. A sampler (`samplers.smc`) only ever sees this interface; a model
+with normalising constant \(Z_T\). A sampler (`samplers.smc`) only ever sees this interface; a model
 never contains a resampling loop.
 
 Every method is *batched*: ``particles`` is a pytree whose leaves all have a leading particle axis

@@ -1,16 +1,17 @@
-"""The one SMC engine: particle filters, SMC samplers, conditional SMC, on any Feynman-Kac model.
+r"""The one SMC engine: particle filters, SMC samplers, conditional SMC, on any Feynman-Kac model.
 
-At step 0, x_0^i ~ M_0 and w_0^i = G_0(x_0^i). At each step t ≥ 1:
+At step 0, \(x_0^i \sim M_0\) and \(w_0^i = G_0(x_0^i)\). At each step \(t \ge 1\):
 
-1. if ESS(W_{t-1}) < ``ess_threshold`` · N (or the schedule says so), draw ancestors a^i with a
-   resampling scheme and set W_{t-1} = 1/N; otherwise a^i = i;
-2. x_t^i ~ M_t(x_{t-1}^{a^i}, ·) (finished particles of models with ``done`` stay put);
-3. w_t^i = W_{t-1}^i G_t(x_{t-1}^{a^i}, x_t^i); log Ẑ_t = log Ẑ_{t-1} + log Σ_i w_t^i.
+1. if \(\mathrm{ESS}(W_{t-1}) <\) ``ess_threshold`` \(\cdot N\) (or the schedule says so), draw
+   ancestors \(a^i\) with a resampling scheme and set \(W_{t-1} = 1/N\); otherwise \(a^i = i\);
+2. \(x_t^i \sim M_t(x_{t-1}^{a^i}, \cdot)\) (finished particles of models with ``done`` stay put);
+3. \(w_t^i = W_{t-1}^i\, G_t(x_{t-1}^{a^i}, x_t^i)\) and
+   \(\log \hat Z_t = \log \hat Z_{t-1} + \log \sum_i w_t^i\).
 
-Ẑ_T is an unbiased estimate of Z_T (Del Moral 2004); log-weights stay normalised so the increment
-is exactly ``logsumexp``. With ``reference`` set, slot 0 carries a pinned trajectory (conditional
-SMC, Andrieu, Doucet & Holenstein 2010); with ``ancestor_sampling`` its ancestor is redrawn
-∝ W_{t-1}^i m_t(x_{t-1}^i, x_t^ref) (Lindsten, Jordan & Schön 2014).
+\(\hat Z_T\) is an unbiased estimate of \(Z_T\) (Del Moral 2004); log-weights stay normalised so the
+increment is exactly ``logsumexp``. With ``reference`` set, slot 0 carries a pinned trajectory
+(conditional SMC, Andrieu, Doucet & Holenstein 2010); with ``ancestor_sampling`` its ancestor is
+redrawn \(\propto W_{t-1}^i\, m_t(x_{t-1}^i, x_t^{\mathrm{ref}})\) (Lindsten, Jordan & Schön 2014).
 
 :func:`smc` drives the kernel of :mod:`samplers.smc_kernel` (``init``, then ``step`` per step):
 a ``lax.scan`` when the horizon is fixed (reverse-mode differentiable; resampling indices carry no

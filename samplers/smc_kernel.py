@@ -1,4 +1,4 @@
-"""The SMC kernel: one ``init`` and one ``step`` over any Feynman-Kac model (blackjax/optax style).
+r"""The SMC kernel: one ``init`` and one ``step`` over any Feynman-Kac model (blackjax/optax style).
 
 A run of SMC is ``state = init(key, model, N)`` followed by ``state, info = step(key_t, state,
 model)`` for t = 1, 2, ...; :func:`samplers.smc` is a ``lax.scan`` (fixed horizon) or a
@@ -6,17 +6,18 @@ model)`` for t = 1, 2, ...; :func:`samplers.smc` is a ``lax.scan`` (fixed horizo
 filtering (data arriving one at a time, the state carried between calls), inside variational
 objectives, or nested in SMC².
 
-At step 0, ``init`` draws x_0^i ~ M_0 and weights w_0^i = G_0(x_0^i). A step t ≥ 1:
+At step 0, ``init`` draws \(x_0^i \sim M_0\) and weights \(w_0^i = G_0(x_0^i)\). A step \(t \ge 1\):
 
-1. if ESS(W_{t-1}) < ``ess_threshold`` · N (or ``force_resample``), draw ancestors a^i with the
-   resampling scheme and set W_{t-1} = 1/N; otherwise a^i = i;
-2. x_t^i ~ M_t(x_{t-1}^{a^i}, ·) (finished particles of models with ``done`` stay put);
-3. w_t^i = W_{t-1}^i G_t(x_{t-1}^{a^i}, x_t^i); log Ẑ_t = log Ẑ_{t-1} + log Σ_i w_t^i.
+1. if \(\mathrm{ESS}(W_{t-1}) <\) ``ess_threshold`` \(\cdot N\) (or ``force_resample``), draw
+   ancestors \(a^i\) with the resampling scheme and set \(W_{t-1} = 1/N\); otherwise \(a^i = i\);
+2. \(x_t^i \sim M_t(x_{t-1}^{a^i}, \cdot)\) (finished particles of models with ``done`` stay put);
+3. \(w_t^i = W_{t-1}^i\, G_t(x_{t-1}^{a^i}, x_t^i)\) and
+   \(\log \hat Z_t = \log \hat Z_{t-1} + \log \sum_i w_t^i\).
 
-Ẑ_t is unbiased for Z_t (Del Moral 2004). Log-weights stay normalised, so the increment is exactly
-``logsumexp``. With ``reference`` (the pinned particle x*_t) slot 0 carries a fixed trajectory
-(conditional SMC, Andrieu, Doucet & Holenstein 2010); with ``ancestor_sampling`` its ancestor is
-redrawn ∝ W_{t-1}^i m_t(x_{t-1}^i, x*_t) (Lindsten, Jordan & Schön 2014).
+\(\hat Z_t\) is unbiased for \(Z_t\) (Del Moral 2004). Log-weights stay normalised, so the increment
+is exactly ``logsumexp``. With ``reference`` (the pinned particle \(x^*_t\)) slot 0 carries a fixed
+trajectory (conditional SMC, Andrieu, Doucet & Holenstein 2010); with ``ancestor_sampling`` its
+ancestor is redrawn \(\propto W_{t-1}^i\, m_t(x_{t-1}^i, x^*_t)\) (Lindsten, Jordan & Schön 2014).
 
 Resampling under ``vmap``: a ``lax.cond`` on a batched predicate becomes a select that runs both
 branches, so vmapped chains (PMMH) would all resample at every step. The ancestors are therefore

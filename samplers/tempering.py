@@ -1,34 +1,40 @@
-"""Adaptive tempered SMC (an SMC sampler) as a Feynman-Kac model.
+r"""Adaptive tempered SMC (an SMC sampler) as a Feynman-Kac model.
 
-Target path π_λ(z) ∝ π_0(z) L(z)^λ from the prior (λ = 0) to the posterior (λ = 1). With
-λ_{-1} = 0 and particles z ~ π_0 at step 0, step t of the engine is
+Target path \(\pi_\lambda(z) \propto \pi_0(z)\, L(z)^\lambda\) from the prior (\(\lambda = 0\)) to the
+posterior (\(\lambda = 1\)). With \(\lambda_{-1} = 0\) and particles \(z \sim \pi_0\) at step 0, step
+\(t\) of the engine is
 
-    move:       z_t ~ K_{λ_{t-1}}(z_{t-1}, ·), MCMC steps leaving π_{λ_{t-1}} invariant (none at
-                t = 0): at least ``num_mcmc_steps``, then more (up to ``max_mcmc_steps``) until
-                the particles have moved away from where the move started (below);
-    adapt:      λ_t chosen from the weighted population so that the conditional ESS
-                CESS(λ_t) = N (Σ_i W_i g_i)² / Σ_i W_i g_i², g_i = L(z_t^i)^{λ_t − λ_{t-1}},
-                equals ρ N (Zhou, Johansen & Aston 2016), or λ_t = 1 when even CESS(1) ≥ ρ N;
-                also the kernel's covariance Σ (weighted particle covariance under π_{λ_t}) and
-                step size ε (nudged towards the kernel's target acceptance);
-    potential:  log G_t(z_t) = (λ_t − λ_{t-1}) log L(z_t);
+- **move:** \(z_t \sim K_{\lambda_{t-1}}(z_{t-1}, \cdot)\), MCMC steps leaving \(\pi_{\lambda_{t-1}}\)
+  invariant (none at \(t = 0\)): at least ``num_mcmc_steps``, then more (up to ``max_mcmc_steps``)
+  until the particles have moved away from where the move started (below);
+- **adapt:** \(\lambda_t\) chosen from the weighted population so that the conditional ESS
+  \(\mathrm{CESS}(\lambda_t) = N (\sum_i W_i g_i)^2 / \sum_i W_i g_i^2\),
+  \(g_i = L(z_t^i)^{\lambda_t - \lambda_{t-1}}\), equals \(\rho N\) (Zhou, Johansen & Aston 2016), or
+  \(\lambda_t = 1\) when even \(\mathrm{CESS}(1) \ge \rho N\); also the kernel's covariance \(\Sigma\)
+  (weighted particle covariance under \(\pi_{\lambda_t}\)) and step size \(\varepsilon\) (nudged
+  towards the kernel's target acceptance);
+- **potential:** \(\log G_t(z_t) = (\lambda_t - \lambda_{t-1}) \log L(z_t)\);
 
-until λ reaches 1 (``done``). Then Π_t G_t's product over the path telescopes and
-Ẑ = Π_t (1/N Σ_i G_t(z_t^i)) estimates Z = ∫ π_0 L (Del Moral, Doucet & Jasra 2006). With
-``ess_threshold=1`` the engine resamples every step, so W_i = 1/N and CESS is the ESS of the
-incremental weights (``criterion="ess"`` uses ESS(W g) for any W). Choosing λ_t and Σ from the
-particles makes Ẑ slightly biased, with a bias of order 1/N (Beskos, Jasra, Kantas & Thiery 2016).
+until \(\lambda\) reaches 1 (``done``). Then the product of the \(G_t\) over the path telescopes and
+\(\hat Z = \prod_t \frac1N \sum_i G_t(z_t^i)\) estimates \(Z = \int \pi_0 L\) (Del Moral, Doucet &
+Jasra 2006). With ``ess_threshold=1`` the engine resamples every step, so \(W_i = 1/N\) and CESS is
+the ESS of the incremental weights (``criterion="ess"`` uses \(\mathrm{ESS}(W g)\) for any \(W\)).
+Choosing \(\lambda_t\) and \(\Sigma\) from the particles makes \(\hat Z\) slightly biased, with a bias
+of order \(1/N\) (Beskos, Jasra, Kantas & Thiery 2016).
 
 How much MCMC is enough. Resampling duplicates particles; the move must spread them out again, or
 the population collapses and the posterior comes out too narrow and off-centre *with nothing
 looking wrong* (a random walk at a healthy 0.3 acceptance in 31 dimensions does this). The move
 therefore measures the mean squared jump of the particles from their starting points in the
-metric of the population covariance Σ,
+metric of the population covariance \(\Sigma\),
 
-    J = 1/(N D) Σ_i (z^i − z_0^i)ᵀ Σ⁻¹ (z^i − z_0^i)     (J = 2 for independent draws; for an AR(1)
-                                                            chain of lag-correlation ρ, J = 2(1 − ρ)),
+\[
+J = \frac{1}{ND} \sum_i (z^i - z_0^i)^\top \Sigma^{-1} (z^i - z_0^i)
+\]
 
-and keeps moving until J ≥ ``target_jump`` (default 1: correlation with the start ≤ 1/2), as
+(\(J = 2\) for independent draws; \(J = 2(1 - \rho)\) for an AR(1) chain of lag-correlation
+\(\rho\)), and keeps moving until \(J \ge\) ``target_jump`` (default 1: correlation with the start
+at most 1/2), as
 ``particles``' adaptive MCMC sequences do with the jump distance (Chopin & Papaspiliopoulos 2020,
 ch. 17; Dau & Chopin 2022). A stage that reaches ``max_mcmc_steps`` below the target is counted
 and reported (a ``RuntimeWarning`` after :func:`tempered_smc`). The default move is HMC preconditioned
