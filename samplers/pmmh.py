@@ -1,22 +1,26 @@
-"""Particle marginal Metropolis-Hastings (PMMH) and adaptive random-walk Metropolis.
+r"""Particle marginal Metropolis-Hastings (PMMH) and adaptive random-walk Metropolis.
 
 PMMH (Andrieu, Doucet & Holenstein 2010) is random-walk Metropolis on θ in which the intractable
-likelihood p_θ(y) is replaced by the particle filter's unbiased estimate Ẑ_θ: accept θ' with
-probability
+likelihood \(p_\theta(y)\) is replaced by the particle filter's unbiased estimate \(\hat Z_\theta\):
+accept \(\theta'\) with probability
 
-    min(1, p(θ') Ẑ_{θ'} q(θ | θ') / (p(θ) Ẑ_θ q(θ' | θ))),
+\[
+\min\left(1, \frac{p(\theta')\, \hat Z_{\theta'}\, q(\theta \mid \theta')}
+{p(\theta)\, \hat Z_\theta\, q(\theta' \mid \theta)}\right),
+\]
 
-keeping Ẑ_θ of the current state (it is never refreshed). Because E[Ẑ_θ] = p_θ(y), the chain
-leaves p(θ | y) exactly invariant for any number of particles (pseudo-marginal argument, Andrieu &
-Roberts 2009).
+keeping \(\hat Z_\theta\) of the current state (it is never refreshed). Because
+\(\mathbb{E}[\hat Z_\theta] = p_\theta(y)\), the chain leaves \(p(\theta \mid y)\) exactly invariant
+for any number of particles (pseudo-marginal argument, Andrieu & Roberts 2009).
 
-The walk runs on the unconstrained u = T^{-1}(θ) (numpyro's ``biject_to`` and its Jacobian, see
-:mod:`samplers.parameters`) with a Gaussian proposal u' = u + L ε, LLᵀ = Σ. With ``adapt=True``
-Σ is learned during warmup (Haario, Saksman & Tamminen 2001; Andrieu & Thoms 2008):
-Σ = s² (2.38² / d) Ĉ with Ĉ a covariance estimate of the warmup states and s a global scale tuned
-towards a target acceptance rate (two windows, as in Stan's warmup: adaptive Metropolis first,
-then the scale for the fixed Ĉ), then frozen for the sampling phase, so the kept draws come from
-a fixed Metropolis-Hastings kernel.
+The walk runs on the unconstrained \(u = T^{-1}(\theta)\) (numpyro's ``biject_to`` and its
+Jacobian, see :mod:`samplers.parameters`) with a Gaussian proposal \(u' = u + L\varepsilon\),
+\(LL^\top = \Sigma\). With ``adapt=True`` \(\Sigma\) is learned during warmup (Haario, Saksman &
+Tamminen 2001; Andrieu & Thoms 2008): \(\Sigma = s^2 (2.38^2 / d)\, \hat C\) with \(\hat C\) a
+covariance estimate of the warmup states and \(s\) a global scale tuned towards a target acceptance
+rate (two windows, as in Stan's warmup: adaptive Metropolis first, then the scale for the fixed
+\(\hat C\)), then frozen for the sampling phase, so the kept draws come from a fixed
+Metropolis-Hastings kernel.
 
 Everything — warmup, sampling, all particle filters — is one compiled program, and many chains
 run in it by ``vmap``.
@@ -49,12 +53,12 @@ __all__ = [
 
 
 class MCMCResult(NamedTuple):
-    """Chains of (pseudo-marginal) random-walk Metropolis, leading axes [chain, draw].
+    r"""Chains of (pseudo-marginal) random-walk Metropolis, leading axes [chain, draw].
 
     Attributes:
         params: dict of constrained θ draws, leaves [C, S, ...].
         log_likelihood: [C, S] log-likelihood (estimate) at the current state.
-        log_prior: [C, S] log p(θ) at the current state.
+        log_prior: [C, S] \(\log p(\theta)\) at the current state.
         accepted: [C, S] whether the move into this draw was accepted.
         acceptance_rate: [C] acceptance rate of the sampling phase.
         warmup_acceptance_rate: [C] acceptance rate of the warmup phase (NaN without warmup).
@@ -94,7 +98,7 @@ class MCMCResult(NamedTuple):
 
 
 class ParticleFilterLikelihood(eqx.Module):
-    """log Ẑ_θ of a particle filter on a state-space model: ``loglik(key, theta) -> log Ẑ``.
+    r"""\(\log \hat Z_\theta\) of a particle filter on a state-space model, ``loglik(key, theta)``.
 
     θ (a dict) is placed into the model with ``params_fn`` (default: replace the named fields of
     ``ssm.params``); ``proposal`` (optional) gives a guided filter instead of the bootstrap.
@@ -162,16 +166,16 @@ def random_walk_metropolis(
     progress: bool = True,
     _desc: str = "random-walk Metropolis",
 ) -> MCMCResult:
-    """Adaptive random-walk Metropolis on θ with a (possibly estimated) log-likelihood.
+    r"""Adaptive random-walk Metropolis on θ with a (possibly estimated) log-likelihood.
 
     ``log_likelihood(key, theta) -> scalar``: exact (e.g. a Kalman filter; the key is then unused)
     or an unbiased-in-exp estimate (a particle filter: PMMH). ``prior``: dict of numpyro
     distributions. ``init_params``: dict of constrained values (shared, or with a leading
     ``num_chains`` axis), or ``None`` for prior draws. ``proposal_cov``: initial proposal covariance
-    in the unconstrained space (default 0.1² I); with ``adapt`` it is replaced during warmup by
-    ``s² · scale² · 2.38²/d`` times a running covariance of the warmup states, the global factor
-    s being tuned towards ``target_acceptance`` (``None``: s = 1). The proposal is frozen after
-    warmup. ``progress``: a progress bar over the iterations (stderr; only for an eager call).
+    in the unconstrained space (default \(0.1^2 I\)); with ``adapt`` it is replaced during warmup by
+    \(s^2 \cdot \mathrm{scale}^2 \cdot 2.38^2/d\) times a running covariance of the warmup states, the
+    global factor \(s\) being tuned towards ``target_acceptance`` (``None``: \(s = 1\)). The proposal
+    is frozen after warmup. ``progress``: a progress bar over the iterations (stderr; only for an eager call).
     """
     if target_acceptance is not None:
         checks.probability("target_acceptance", target_acceptance, strict=True)
@@ -230,7 +234,7 @@ def warn_stuck_chains(result: MCMCResult) -> None:
         warnings.warn(
             f"random-walk Metropolis / PMMH: {stuck.size} of {rate.size} chain(s) accepted fewer "
             f"than {STUCK_ACCEPTANCE:.0%} of their proposals (chains {stuck[:8].tolist()}, rates "
-            f"{np.round(rate[stuck[:8]], 4).tolist()}): they are stuck. With PMMH this usually "
+            f"{[round(float(r), 4) for r in rate[stuck[:8]]]}): they are stuck. With PMMH this usually "
             "means a noisy likelihood estimate (use more particles: the log-likelihood's standard "
             "deviation should be about 1) or a proposal far too wide (result.acceptance_rate)",
             RuntimeWarning, stacklevel=3,
@@ -258,9 +262,9 @@ def pmmh(
     proposal: Callable | None = None,
     progress: bool = True,
 ) -> MCMCResult:
-    """PMMH for the parameters θ of a state-space model (``num_chains`` chains by ``vmap``).
+    r"""PMMH for the parameters θ of a state-space model (``num_chains`` chains by ``vmap``).
 
-    The likelihood estimate is log Ẑ of a particle filter (bootstrap, or guided with
+    The likelihood estimate is \(\log \hat Z\) of a particle filter (bootstrap, or guided with
     ``proposal``) with ``num_particles`` particles, ``resampling`` and ``ess_threshold``; θ enters
     the model through ``ssm.with_params(params_fn(theta))``. See
     :func:`random_walk_metropolis` for the chain's arguments; the default target acceptance
@@ -328,11 +332,13 @@ def _rw_run(keys, u0, space: ParameterSpace, log_likelihood, cov0, cfg: _RWConfi
         return _ChainState(u, _finite_or_neg_inf(ll), lp, theta), ~jnp.isfinite(ll)
 
     def adapt(ad: _Adaptation, i, u, alpha):
-        """Window 1 (first half of warmup): adaptive Metropolis with a running covariance
-        Ĉ_i = (1 − γ_i) Ĉ_{i−1} + γ_i (u_i − μ_i)(u_i − μ_i)ᵀ, γ_i = (i + 2)^(−0.6) (Andrieu &
-        Thoms 2008, Alg. 4), while its second half feeds a plain covariance estimate. Window 2:
-        that estimate, fixed (shrunk towards 1e-3·I as in Stan), with the global scale s tuned by
-        Robbins-Monro, log s ← log s + γ (α − α*), so that the frozen proposal's scale fits it."""
+        r"""Window 1 (first half of warmup): adaptive Metropolis with a running covariance
+        \(\hat C_i = (1 - \gamma_i) \hat C_{i-1} + \gamma_i (u_i - \mu_i)(u_i - \mu_i)^\top\),
+        \(\gamma_i = (i + 2)^{-0.6}\) (Andrieu & Thoms 2008, Alg. 4), while its second half feeds a
+        plain covariance estimate. Window 2: that estimate, fixed (shrunk towards \(10^{-3} I\) as in
+        Stan), with the global scale \(s\) tuned by Robbins-Monro,
+        \(\log s \leftarrow \log s + \gamma (\alpha - \alpha^*)\), so that the frozen proposal's scale
+        fits it."""
         first = i < half
         g = jnp.where(first, (i + 2.0) ** -0.6, (i - half + 2.0) ** -0.6)
         mean = (1.0 - g) * ad.mean + g * u
