@@ -1,21 +1,31 @@
-"""Particle Gibbs and parallel-tempering particle Gibbs over any Feynman-Kac model.
+r"""Particle Gibbs and parallel-tempering particle Gibbs over any Feynman-Kac model.
 
 **Particle Gibbs** (Andrieu, Doucet & Holenstein 2010) iterates the conditional-SMC kernel
-x* ↦ x' (reference x* pinned in slot 0, new path drawn from the particle system), which leaves the
-Feynman-Kac path measure π(x_{0:T−1}) ∝ M_0(x_0) G_0(x_0) ∏_t M_t(x_{t−1}, x_t) G_t(x_{t−1}, x_t)
-invariant for any N ≥ 1; optionally with ancestor sampling (Lindsten, Jordan & Schön 2014).
+\(x^* \mapsto x'\) (reference \(x^*\) pinned in slot 0, new path drawn from the particle system),
+which leaves the Feynman-Kac path measure
 
-**Parallel tempering** (Geyer 1991; Puri et al. 2025, Algorithm 3) runs C such chains on a family of
-models π_c that share the kernels M_t and differ in their potentials — typically tempered,
-G_t^{(c)} = G_t^{β_c} with β_0 = 1 > β_1 > ... — and after every sweep proposes to swap the
-references of neighbouring chains c, c+1 (even pairs on even iterations, odd pairs on odd ones:
-deterministic even-odd swaps, Okabe et al. 2001, Syed et al. 2021), accepted with probability
+\[
+\pi(x_{0:T-1}) \propto M_0(x_0)\, G_0(x_0) \prod_t M_t(x_{t-1}, x_t)\, G_t(x_{t-1}, x_t)
+\]
 
-    min(1, [γ_c(x_{c+1}) γ_{c+1}(x_c)] / [γ_c(x_c) γ_{c+1}(x_{c+1})]),
-    log γ_c(x) = Σ_t log G_t^{(c)}(x_{t−1}, x_t) + (terms shared by all chains),
+invariant for any \(N \ge 1\); optionally with ancestor sampling (Lindsten, Jordan & Schön 2014).
 
-(:func:`path_log_potential`). Each sweep leaves ∏_c π_c invariant and so does each swap (a
-Metropolis move on the product), hence chain 0 targets π_0. With one chain this is particle Gibbs.
+**Parallel tempering** (Geyer 1991; Puri et al. 2025, Algorithm 3) runs \(C\) such chains on a
+family of models \(\pi_c\) that share the kernels \(M_t\) and differ in their potentials — typically
+tempered, \(G_t^{(c)} = G_t^{\beta_c}\) with \(\beta_0 = 1 > \beta_1 > \dots\) — and after every
+sweep proposes to swap the references of neighbouring chains \(c, c+1\) (even pairs on even
+iterations, odd pairs on odd ones: deterministic even-odd swaps, Okabe et al. 2001, Syed et al.
+2021), accepted with probability
+
+\[
+\min\left(1, \frac{\gamma_c(x_{c+1})\, \gamma_{c+1}(x_c)}{\gamma_c(x_c)\, \gamma_{c+1}(x_{c+1})}\right),
+\qquad
+\log \gamma_c(x) = \sum_t \log G_t^{(c)}(x_{t-1}, x_t) + (\text{terms shared by all chains})
+\]
+
+(:func:`path_log_potential`). Each sweep leaves \(\prod_c \pi_c\) invariant and so does each swap (a
+Metropolis move on the product), hence chain 0 targets \(\pi_0\). With one chain this is particle
+Gibbs.
 
 Two ways of drawing the new path: the engine's genealogy (``path_fn=None``: the generic
 :func:`samplers.particle_gibbs.csmc_kernel`, which stores the whole particle history), or, for
@@ -52,8 +62,8 @@ __all__ = [
 
 
 def path_log_potential(model: AbstractFeynmanKac, path: PyTree) -> Float[Array, ""]:
-    """Σ_t log G_t(x_{t−1}, x_t) along one path (leaves [T, ...]); steps whose previous state is
-    ``done`` contribute 0 (absorbing states, as in the engine). NaN counts as −∞."""
+    r"""\(\sum_t \log G_t(x_{t-1}, x_t)\) along one path (leaves [T, ...]); steps whose previous
+    state is ``done`` contribute 0 (absorbing states, as in the engine). NaN counts as \(-\infty\)."""
     t_len = tree.leading_size(path, "path")
     x0 = tree.add_axis(tree.row(path, 0))
     total = model.log_potential(jnp.asarray(0, jnp.int32), None, x0)[0]
@@ -83,8 +93,8 @@ def csmc_sweep(
     ess_threshold: float = 1.0,
     max_steps: int | None = None,
 ) -> tuple[PyTree, Any]:
-    """One conditional-SMC update of ``reference`` (leaves [T, ...]). Returns ``(path, out)``:
-    with ``path_fn`` the engine's :class:`~samplers.smc.SMCResult` (k ~ W_T, path =
+    r"""One conditional-SMC update of ``reference`` (leaves [T, ...]). Returns ``(path, out)``:
+    with ``path_fn`` the engine's :class:`~samplers.smc.SMCResult` (\(k \sim W_T\), path =
     ``path_fn(model, particle_k)``; the reference is kept if every particle died), else the
     :class:`~samplers.particle_gibbs.CSMCOutput` of :func:`~samplers.particle_gibbs.csmc_kernel`."""
     if path_fn is None:
@@ -102,13 +112,13 @@ def csmc_sweep(
 
 
 class PTPGResult(NamedTuple):
-    """Output of :func:`parallel_tempering_pg` (S iterations, C chains).
+    r"""Output of :func:`parallel_tempering_pg` (\(S\) iterations, \(C\) chains).
 
     Attributes:
         records: ``record_fn(path)`` of every chain after every iteration (after the swaps),
-            leaves [S, C, ...]; chain 0 samples π_0.
+            leaves [S, C, ...]; chain 0 samples \(\pi_0\).
         sweeps: ``sweep_fn(out)`` of every conditional-SMC sweep (before the swaps), [S, C, ...].
-        swap_proposed, swap_accepted: [S, C−1] per neighbouring pair (c, c+1).
+        swap_proposed, swap_accepted: [S, C−1] per neighbouring pair \((c, c+1)\).
         paths: the final references, leaves [C, T, ...].
         num_extinct: [C] sweeps in which every particle died (the reference was kept).
     """
@@ -163,25 +173,25 @@ def parallel_tempering_pg(
     sweep_fn: Callable[[Any], PyTree] = _default_sweep,
     log_target: Callable[[AbstractFeynmanKac, PyTree], Array] | None = None,
 ) -> PTPGResult:
-    """Parallel-tempering particle Gibbs with C = len(``betas``) chains (see the module docstring).
+    r"""Parallel-tempering particle Gibbs with \(C\) = ``len(betas)`` chains (see the module doc).
 
     Args:
         key: PRNG key.
-        model: the base model; chain c runs ``tempered(model, betas[c])`` (a static function, e.g.
-            ``lambda m, b: m.with_inv_temperature(b)``; the chains must share their kernels M_t).
-        betas: [C] inverse temperatures, chain 0 the target (usually β_0 = 1 > β_1 > ...).
-        init_paths: initial references, leaves [C, T, ...] (T ≥ the horizon / ``max_steps``).
-        num_particles: N per conditional-SMC sweep (static).
-        num_iterations: S sweeps of every chain (static).
+        model: the base model; chain \(c\) runs ``tempered(model, betas[c])`` (a static function, e.g.
+            ``lambda m, b: m.with_inv_temperature(b)``; the chains must share their kernels \(M_t\)).
+        betas: [C] inverse temperatures, chain 0 the target (usually \(\beta_0 = 1 > \beta_1 > \dots\)).
+        init_paths: initial references, leaves [C, T, ...] (\(T \ge\) the horizon / ``max_steps``).
+        num_particles: \(N\) per conditional-SMC sweep (static).
+        num_iterations: \(S\) sweeps of every chain (static).
         tempered, path_fn: see above (``path_fn(model, particle) -> path``).
         ancestor_sampling: PGAS (needs ``model.log_transition``).
         resampling, ess_threshold, max_steps: passed to the engine.
-        swap: ``False`` runs C independent particle-Gibbs chains.
+        swap: ``False`` runs \(C\) independent particle-Gibbs chains.
         record_fn: what to keep of every chain's path after every iteration (default: the path).
-        sweep_fn: what to keep of every sweep's output (default: its log Ẑ).
-        log_target: ``log_target(model_c, path)``, the part of log γ_c(path) that differs between
-            chains, for the swap test (default :func:`path_log_potential`; supply the full log
-            density when the chains' kernels M_t differ).
+        sweep_fn: what to keep of every sweep's output (default: its \(\log \hat Z\)).
+        log_target: ``log_target(model_c, path)``, the part of \(\log \gamma_c(\mathrm{path})\) that
+            differs between chains, for the swap test (default :func:`path_log_potential`; supply the
+            full log density when the chains' kernels \(M_t\) differ).
 
     Returns:
         :class:`PTPGResult`.
@@ -257,8 +267,8 @@ def particle_gibbs_fk(
     num_iterations: int,
     **kwargs,
 ) -> PTPGResult:
-    """Particle Gibbs on any Feynman-Kac model: :func:`parallel_tempering_pg` with one chain at
-    β = 1 (``tempered`` = identity; ``init_path`` leaves [T, ...]). Results have a chain axis of 1."""
+    r"""Particle Gibbs on any Feynman-Kac model: :func:`parallel_tempering_pg` with one chain at
+    \(\beta = 1\) (``tempered`` = identity; ``init_path`` leaves [T, ...]). Results have a chain axis of 1."""
     paths = tree.add_axis(init_path)
     kwargs.setdefault("tempered", _identity_tempered)
     return parallel_tempering_pg(key, model, jnp.ones((1,)), paths, num_particles, num_iterations,
@@ -281,8 +291,8 @@ def initial_paths(
     ess_threshold: float = 1.0,
     max_steps: int | None = None,
 ) -> tuple[PyTree, SMCResult]:
-    """Initial references of C chains: one unconditional SMC run per chain on
-    ``tempered(model, β_c)``, one particle drawn ∝ W_T, its path by ``path_fn``. Returns
+    r"""Initial references of \(C\) chains: one unconditional SMC run per chain on
+    ``tempered(model, betas[c])``, one particle drawn \(\propto W_T\), its path by ``path_fn``. Returns
     ``(paths [C, T, ...], the C SMC results)``."""
     c = _check(num_particles, 1, betas)
     return _init_jit(key, model, jnp.asarray(betas, jnp.float32), num_particles=num_particles, c=c,

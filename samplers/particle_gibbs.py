@@ -1,23 +1,24 @@
-"""Conditional SMC and particle Gibbs.
+r"""Conditional SMC and particle Gibbs.
 
 **Conditional SMC** (Andrieu, Doucet & Holenstein 2010) runs the SMC engine with a reference
-trajectory x*_{0:T-1} pinned in slot 0 (``smc(..., reference=x*)``; the engine's conditional
+trajectory \(x^*_{0:T-1}\) pinned in slot 0 (``smc(..., reference=x*)``; the engine's conditional
 resamplers keep it) and returns a new trajectory drawn from the particle system:
 
-- by genealogy: k ~ W_{T-1}, then trace the ancestors of particle k;
+- by genealogy: \(k \sim W_{T-1}\), then trace the ancestors of particle \(k\);
 - with **ancestor sampling** (PGAS; Lindsten, Jordan & Schön 2014): the reference's ancestor at
-  each step is redrawn ∝ W_{t-1}^i m_t(x_{t-1}^i, x*_t), so the new path can leave the reference at
-  any step and mixing no longer degrades with path degeneracy;
+  each step is redrawn \(\propto W_{t-1}^i\, m_t(x_{t-1}^i, x^*_t)\), so the new path can leave the
+  reference at any step and mixing no longer degrades with path degeneracy;
 - with **backward sampling** (PG-BS; Whiteley 2010, Lindsten & Schön 2013): the new path is drawn
   by FFBS over the conditional particle system.
 
-The kernel x* ↦ x' leaves the Feynman-Kac path measure (for a state-space model, the smoothing
-distribution p(x_{0:T-1} | y, θ)) invariant for *any* N ≥ 1. :func:`csmc_kernel` is generic over
-Feynman-Kac models, including variable-horizon ones (an LLM's reasoning steps).
+The kernel \(x^* \mapsto x'\) leaves the Feynman-Kac path measure (for a state-space model, the
+smoothing distribution \(p(x_{0:T-1} \mid y, \theta)\)) invariant for *any* \(N \ge 1\).
+:func:`csmc_kernel` is generic over Feynman-Kac models, including variable-horizon ones (an LLM's
+reasoning steps).
 
-**Particle Gibbs** for a state-space model alternates x ~ CSMC(· | x, θ) and θ ~ K(· | x, y), the
-θ-step being user supplied (e.g. a conjugate draw) or a blackjax kernel on θ given the path
-(:func:`blackjax_theta_update`).
+**Particle Gibbs** for a state-space model alternates \(x \sim \mathrm{CSMC}(\cdot \mid x, \theta)\)
+and \(\theta \sim K(\cdot \mid x, y)\), the θ-step being user supplied (e.g. a conjugate draw) or a
+blackjax kernel on θ given the path (:func:`blackjax_theta_update`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ __all__ = [
 
 
 class CSMCOutput(NamedTuple):
-    """One conditional-SMC update.
+    r"""One conditional-SMC update.
 
     Attributes:
         trajectory: the new trajectory (leaves [T, ...], like the reference).
         indices: [T] particle index of the new trajectory at each step; slot 0 holds the
             reference, so ``indices != 0`` marks the steps where the trajectory moved.
-        log_evidence: log Ẑ of the conditional run (a diagnostic; not an unbiased estimate).
+        log_evidence: \(\log \hat Z\) of the conditional run (a diagnostic; not an unbiased estimate).
         num_steps: number of steps run (variable-horizon models).
         extinct: every particle died at some step (the reference is then returned unchanged).
         history: the conditional run's :class:`~samplers.smc.SMCHistory` (slot 0 holds the
@@ -84,22 +85,22 @@ def csmc_kernel(
     max_steps: int | None = None,
     include_potential: bool = False,
 ) -> CSMCOutput:
-    """Conditional SMC update of a reference trajectory (leaves [T, ...]) of any Feynman-Kac model.
+    r"""Conditional SMC update of a reference trajectory (leaves [T, ...]) of any Feynman-Kac model.
 
     Args:
         key: PRNG key.
         model: the Feynman-Kac model.
-        reference: the current trajectory x*_{0:T-1}, pinned in slot 0.
-        num_particles: N ≥ 1 (N = 1 returns the reference).
+        reference: the current trajectory \(x^*_{0:T-1}\), pinned in slot 0.
+        num_particles: \(N \ge 1\) (\(N = 1\) returns the reference).
         resampling: conditional resampling scheme (multinomial is the textbook choice; the
             engine's conditional systematic/stratified/residual forms are also valid,
             Chopin & Singh 2015).
-        ess_threshold: resample when ESS < threshold · N (1: every step).
+        ess_threshold: resample when \(\mathrm{ESS} < \mathrm{threshold} \cdot N\) (1: every step).
         ancestor_sampling: PGAS (needs ``model.log_transition``).
         backward_sampling: draw the new path by FFBS (needs ``log_transition``; fixed horizon).
         max_steps: step cap of variable-horizon models.
-        include_potential: add log G_t(x_{t-1}, x_t) to the backward/ancestor weights of models
-            whose potentials depend on x_{t-1} and whose ``log_transition`` is M_t alone
+        include_potential: add \(\log G_t(x_{t-1}, x_t)\) to the backward/ancestor weights of models
+            whose potentials depend on \(x_{t-1}\) and whose ``log_transition`` is \(M_t\) alone
             (see :mod:`samplers.smoothing`). Only backward sampling uses it.
     """
     if ancestor_sampling and backward_sampling:
@@ -143,7 +144,7 @@ def csmc_kernel(
 def ssm_log_joint(
     ssm: StateSpaceModel, trajectory: PyTree, observations: PyTree
 ) -> Float[Array, ""]:
-    """Complete-data log-likelihood log p_θ(x_{0:T-1}, y_{0:T-1}) of a state-space model."""
+    r"""Complete-data log-likelihood \(\log p_\theta(x_{0:T-1}, y_{0:T-1})\) of a state-space model."""
     p = ssm.params
     T = tree.leading_size(trajectory, "trajectory")
     x0 = tree.row(trajectory, 0)
@@ -162,7 +163,7 @@ def ssm_log_joint(
 
 
 class BlackjaxThetaUpdate(eqx.Module):
-    """θ-step of particle Gibbs: ``num_steps`` of a blackjax kernel targeting p(θ | x, y).
+    r"""θ-step of particle Gibbs: ``num_steps`` of a blackjax kernel targeting \(p(\theta \mid x, y)\).
 
     Called as ``update(key, theta, trajectory) -> theta``. A module (its arrays are leaves), so
     that runs differing only in data or fixed parameters share one compiled program.
@@ -176,7 +177,7 @@ class BlackjaxThetaUpdate(eqx.Module):
     num_steps: int = eqx.field(static=True, default=1)
 
     def log_density(self, u: Float[Array, " d"], trajectory: PyTree) -> Float[Array, ""]:
-        """log p(T(u)) + log|J| + log p_θ(x, y) on the unconstrained θ."""
+        r"""\(\log p(T(u)) + \log |J| + \log p_\theta(x, y)\) on the unconstrained θ."""
         lp, th = self.space.log_density_unconstrained(u)
         params = place_params(self.ssm.params, th) if self.params_fn is None else self.params_fn(th)
         out = lp + ssm_log_joint(self.ssm.with_params(params), trajectory, self.observations)
@@ -203,13 +204,13 @@ def blackjax_theta_update(
     params_fn: Callable | None = None,
     num_steps: int = 1,
 ) -> BlackjaxThetaUpdate:
-    """A θ-step for particle Gibbs: ``num_steps`` of a blackjax kernel targeting p(θ | x, y).
+    r"""A θ-step for particle Gibbs: ``num_steps`` of a blackjax kernel targeting \(p(\theta \mid x, y)\).
 
     ``algorithm(logdensity_fn)`` returns a blackjax ``SamplingAlgorithm`` on the flat
     unconstrained θ (e.g. ``lambda ld: blackjax.normal_random_walk(ld, 0.1 * jnp.ones(d))`` or
     ``lambda ld: blackjax.hmc(ld, 0.05, jnp.ones(d), 10)``); the log density is
-    log p(θ) + log|J| + log p_θ(x, y) in the unconstrained space. Define ``algorithm`` once and
-    reuse it: it is part of the compiled program's static signature.
+    \(\log p(\theta) + \log |J| + \log p_\theta(x, y)\) in the unconstrained space. Define
+    ``algorithm`` once and reuse it: it is part of the compiled program's static signature.
     Returns ``update(key, theta, trajectory) -> theta``.
     """
     space = ParameterSpace(prior)
@@ -220,13 +221,13 @@ def blackjax_theta_update(
 
 
 class ParticleGibbsResult(NamedTuple):
-    """Output of :func:`particle_gibbs` (chains × draws).
+    r"""Output of :func:`particle_gibbs` (chains × draws).
 
     Attributes:
         params: dict of θ draws, leaves [C, S, ...] (``None`` when θ is fixed).
         trajectories: path draws, leaves [C, S, T, ...] (``None`` if not stored).
-        update_rate: [C, T] fraction of sweeps (after warmup) in which x_t changed.
-        log_evidence: [C, S] log Ẑ of each conditional run (diagnostic).
+        update_rate: [C, T] fraction of sweeps (after warmup) in which \(x_t\) changed.
+        log_evidence: [C, S] \(\log \hat Z\) of each conditional run (diagnostic).
         num_extinct: [C] conditional runs in which every particle died.
     """
 
@@ -284,11 +285,11 @@ def particle_gibbs(
     store_trajectories: bool = True,
     progress: bool = True,
 ) -> ParticleGibbsResult:
-    """Particle Gibbs for a state-space model, ``num_chains`` chains by ``vmap``, compiled whole.
+    r"""Particle Gibbs for a state-space model, ``num_chains`` chains by ``vmap``, compiled whole.
 
-    One sweep: x ~ CSMC(· | x, θ) on the bootstrap filter of ``ssm`` with θ, then
-    θ ~ ``theta_update(key, theta, x)`` (any kernel invariant for p(θ | x, y); ``None`` keeps θ
-    fixed, i.e. pure smoothing by PG).
+    One sweep: \(x \sim \mathrm{CSMC}(\cdot \mid x, \theta)\) on the bootstrap filter of ``ssm`` with
+    θ, then θ ~ ``theta_update(key, theta, x)`` (any kernel invariant for \(p(\theta \mid x, y)\);
+    ``None`` keeps θ fixed, i.e. pure smoothing by PG).
 
     θ is a dict of named values placed into the model by ``params_fn(theta) -> model params``
     (default: replace the named fields of ``ssm.params``). Initial θ: ``init_params`` (shared or
@@ -400,7 +401,7 @@ def _broadcast_paths(paths, horizon, num_chains):
 
 
 def _forward_path(key, model, horizon):
-    """One path of the Feynman-Kac model's Markov chain x_0 ~ M_0, x_t ~ M_t (no weighting)."""
+    r"""One path of the Feynman-Kac model's Markov chain \(x_0 \sim M_0\), \(x_t \sim M_t\) (no weighting)."""
     k0, k = jax.random.split(key)
     x0 = model.init(k0, 1)
 
@@ -416,8 +417,8 @@ def _forward_path(key, model, horizon):
 
 @eqx.filter_jit
 def _pg_run(keys, ssm, observations, theta0, x0, theta_update, to_params, cfg: _PGConfig):
-    """All chains in one program: a single ``scan`` over W + S·thin sweeps (the CSMC appears once
-    in the program), writing every thin-th sweep after warmup into the output buffers."""
+    r"""All chains in one program: a single ``scan`` over \(W + S \cdot \mathrm{thin}\) sweeps (the CSMC
+    appears once in the program), writing every thin-th sweep after warmup into the output buffers."""
     horizon = tree.leading_size(observations, "observations")
     total = cfg.num_warmup + cfg.num_samples * cfg.thin
 

@@ -1,16 +1,16 @@
-"""Resampling schemes, in plain and conditional form, and the effective sample size.
+r"""Resampling schemes, in plain and conditional form, and the effective sample size.
 
-A scheme maps normalised log-weights ``log_w`` (length N) to M ancestor indices ``a`` whose offspring
-counts O_i = #{k : a_k = i} are unbiased: E[O_i] = M · W_i. All four schemes here satisfy this;
-stratified, systematic and residual have lower variance than multinomial (Douc, Cappé & Moulines
-2005).
+A scheme maps normalised log-weights ``log_w`` (length \(N\)) to \(M\) ancestor indices ``a`` whose
+offspring counts \(O_i = \#\{k : a_k = i\}\) are unbiased: \(\mathbb{E}[O_i] = M W_i\). All four
+schemes here satisfy this; stratified, systematic and residual have lower variance than multinomial
+(Douc, Cappé & Moulines 2005).
 
 The *conditional* form keeps a pinned particle (conditional SMC / particle Gibbs, Andrieu, Doucet &
-Holenstein 2010): ``conditional(key, log_w, pin)`` returns N ancestors with ``a_0 = pin`` and the
+Holenstein 2010): ``conditional(key, log_w, pin)`` returns \(N\) ancestors with ``a_0 = pin`` and the
 other ancestors drawn from the scheme's law conditioned on the pinned slot choosing ``pin``. For the
-low-variance schemes this conditional law is ∝ O_pin (the reference slot is exchangeable among the
-O_pin offspring of ``pin``), which we sample exactly (cf. Chopin & Singh 2015, "On particle Gibbs
-sampling").
+low-variance schemes this conditional law is \(\propto O_{\mathrm{pin}}\) (the reference slot is
+exchangeable among the \(O_{\mathrm{pin}}\) offspring of ``pin``), which we sample exactly (cf. Chopin & Singh
+2015, "On particle Gibbs sampling").
 """
 
 from __future__ import annotations
@@ -39,22 +39,23 @@ __all__ = [
 
 
 def normalise(log_weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Normalised log-weights log W_i = log w_i − log Σ_j w_j."""
+    r"""Normalised log-weights \(\log W_i = \log w_i - \log \sum_j w_j\)."""
     return log_weights - jax.nn.logsumexp(log_weights)
 
 
 def log_ess(log_weights: Float[Array, " N"]) -> Float[Array, ""]:
-    """log ESS = 2 log Σ w − log Σ w² (Kong 1992); accepts unnormalised log-weights."""
+    r"""\(\log \mathrm{ESS} = 2 \log \sum_i w_i - \log \sum_i w_i^2\) (Kong 1992); accepts unnormalised
+    log-weights."""
     return 2 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2 * log_weights)
 
 
 def ess(log_weights: Float[Array, " N"]) -> Float[Array, ""]:
-    """Effective sample size (Σ w)² / Σ w² ∈ [1, N]."""
+    r"""Effective sample size \((\sum_i w_i)^2 / \sum_i w_i^2 \in [1, N]\)."""
     return jnp.exp(log_ess(log_weights))
 
 
 def offspring_counts(ancestors: Int[Array, " M"], num_particles: int) -> Int[Array, " N"]:
-    """O_i = number of children of particle i."""
+    r"""\(O_i\) = number of children of particle \(i\)."""
     return jnp.zeros(num_particles, jnp.int32).at[ancestors].add(1)
 
 
@@ -62,11 +63,11 @@ _BLOCK = 32
 
 
 def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Inclusive cumulative sum by blocked triangular matmuls.
+    r"""Inclusive cumulative sum by blocked triangular matmuls.
 
-    Same values as ``jnp.cumsum`` up to float rounding, but O(N) work in a handful of fused
-    kernels: XLA:CPU lowers ``cumsum`` to an associative scan of ~4 log2(N) small kernels, about
-    5x slower at N = 10^4. Rows of ``_BLOCK`` entries are summed by one matmul with an upper
+    Same values as ``jnp.cumsum`` up to float rounding, but \(O(N)\) work in a handful of fused
+    kernels: XLA:CPU lowers ``cumsum`` to an associative scan of \(\sim 4 \log_2 N\) small kernels,
+    about 5x slower at \(N = 10^4\). Rows of ``_BLOCK`` entries are summed by one matmul with an upper
     triangular matrix of ones, the row totals recursively.
     """
     n = x.shape[0]
@@ -82,15 +83,15 @@ def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
 
 
 def _weights(log_weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Weights proportional to exp(log w), scaled by the largest (the CDF divides by the total)."""
+    r"""Weights proportional to \(\exp(\log w)\), scaled by the largest (the CDF divides by the total)."""
     m = jnp.max(log_weights)
     return jnp.exp(log_weights - jnp.where(jnp.isfinite(m), m, 0.0))
 
 
 def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Normalised cumulative weights C_i = Σ_{j≤i} W_j / Σ_j W_j (blocked ``_cumsum``).
+    r"""Normalised cumulative weights \(C_i = \sum_{j \le i} W_j / \sum_j W_j\) (blocked ``_cumsum``).
 
-    In float32, C can rise by a rounding error across a zero weight: :func:`_alive` makes sure
+    In float32, \(C\) can rise by a rounding error across a zero weight: :func:`_alive` makes sure
     that such a sliver never revives a killed particle.
     """
     cumulative = _cumsum(weights)
@@ -98,21 +99,22 @@ def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
 
 
 def _alive(ancestors: Int[Array, " M"], weights: Float[Array, " N"]) -> Int[Array, " M"]:
-    """Never resample a zero-weight particle.
+    r"""Never resample a zero-weight particle.
 
-    The blocked cumulative sum rounds each entry on its own, so C_i − C_{i−1} can be a rounding
-    error (≈ ε) instead of 0 at a killed particle i, and a position can fall in that sliver
-    (probability ≈ N ε per draw). Such an ancestor is replaced by the largest live ancestor of the
-    draw (an ``argmax`` of the weights costs several times more on CPU): a change of the law at
-    the float-rounding level, which keeps zero-weight particles dead. (An exact running maximum
-    over the CDF does the same but cost ≈ 80–200 µs per resampling at N = 10^4 on CPU.)
+    The blocked cumulative sum rounds each entry on its own, so \(C_i - C_{i-1}\) can be a rounding
+    error (\(\approx \varepsilon\)) instead of 0 at a killed particle \(i\), and a position can fall in
+    that sliver (probability \(\approx N \varepsilon\) per draw). Such an ancestor is replaced by the largest
+    live ancestor of the draw (an ``argmax`` of the weights costs several times more on CPU): a change of the
+    law at the float-rounding level, which keeps zero-weight particles dead. (An exact running maximum over
+    the CDF does the same but cost ≈ 80–200 µs per resampling at \(N = 10^4\) on CPU.)
     """
     alive = jnp.take(weights, ancestors) > 0
     return jnp.where(alive, ancestors, jnp.max(jnp.where(alive, ancestors, 0)))
 
 
 def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -> Int[Array, " M"]:
-    """Indices i with cumsum(W)_{i-1} ≤ u < cumsum(W)_i for sorted uniforms u in [0, 1)."""
+    r"""Indices \(i\) with \(C_{i-1} \le u < C_i\) (\(C\) = ``cumsum(W)``) for sorted uniforms
+    \(u \in [0, 1)\)."""
     cumulative = _cdf(weights)
     idx = jnp.searchsorted(cumulative, positions, side="right")
     return _alive(jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32), weights)
@@ -121,14 +123,16 @@ def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -
 def _stratified_search(
     weights: Float[Array, " N"], offsets: Float[Array, "*M"], num_samples: int
 ) -> Int[Array, " M"]:
-    """Inverse CDF at one position per stratum, p_k = (k + u_k) / M with u_k ∈ [0, 1], in O(N + M).
+    r"""Inverse CDF at one position per stratum, \(p_k = (k + u_k) / M\) with \(u_k \in [0, 1]\), in
+    \(O(N + M)\).
 
-    Returns a_k = #{i : C_i ≤ p_k} (clipped to N − 1), C the normalised cumulative weights: the
-    same indices as ``searchsorted(C, p, side="right")``. ``offsets`` is one shared u
-    (systematic) or one per stratum (stratified). The count c_i = #{k : p_k < C_i} only depends on
-    the strata j − 1, j, j + 1 around j = ⌊M C_i⌋ (all lower strata count, all higher ones do not,
-    whatever the float rounding of M C_i); then a_k = #{i : c_i ≤ k} is a cumulative sum of the
-    histogram of c. This replaces a binary search (log2 N dependent gathers per position).
+    Returns \(a_k = \#\{i : C_i \le p_k\}\) (clipped to \(N - 1\)), \(C\) the normalised cumulative
+    weights: the same indices as ``searchsorted(C, p, side="right")``. ``offsets`` is one shared
+    \(u\) (systematic) or one per stratum (stratified). The count \(c_i = \#\{k : p_k < C_i\}\) only
+    depends on the strata \(j - 1, j, j + 1\) around \(j = \lfloor M C_i \rfloor\) (all lower strata
+    count, all higher ones do not, whatever the float rounding of \(M C_i\)); then
+    \(a_k = \#\{i : c_i \le k\}\) is a cumulative sum of the histogram of \(c\). This replaces a
+    binary search (\(\log_2 N\) dependent gathers per position).
     """
     n = weights.shape[0]
     m = num_samples
@@ -157,7 +161,7 @@ class AbstractResampling(eqx.Module):
     def __call__(
         self, key: PRNGKeyArray, log_weights: Float[Array, " N"], num_samples: int | None = None
     ) -> Int[Array, " M"]:
-        """Ancestor indices with E[O_i] = M W_i (M = N by default)."""
+        r"""Ancestor indices with \(\mathbb{E}[O_i] = M W_i\) (\(M = N\) by default)."""
 
     @abc.abstractmethod
     def _conditional_at_zero(
@@ -195,8 +199,9 @@ class Multinomial(AbstractResampling):
 
 
 def _tilted_bernoulli_for_first(key, weights, m_total):
-    """For the first particle with expected count c = m_total · W_0 = k + f: return B ~ P(B=1) =
-    f (k+1) / (f (k+1) + (1−f) k), the law of the fractional stratum's hit under tilting by O_0."""
+    r"""For the first particle with expected count \(c = m_{\mathrm{total}} W_0 = k + f\): return
+    \(B\) with \(P(B = 1) = f(k+1) / \big(f(k+1) + (1-f)k\big)\), the law of the fractional stratum's
+    hit under tilting by \(O_0\)."""
     c = m_total * weights[0]
     k = jnp.floor(c)
     f = c - k
@@ -249,7 +254,8 @@ class Systematic(AbstractResampling):
 
 
 class Residual(AbstractResampling):
-    """floor(M W_i) deterministic copies, the rest multinomial on the residuals (Liu & Chen 1998)."""
+    r"""\(\lfloor M W_i \rfloor\) deterministic copies, the rest multinomial on the residuals (Liu & Chen
+    1998)."""
 
     def __call__(self, key, log_weights, num_samples=None):
         m = log_weights.shape[0] if num_samples is None else num_samples

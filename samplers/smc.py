@@ -40,11 +40,11 @@ __all__ = ["smc", "SMCResult", "SMCHistory", "SMCState", "SMCInfo"]
 
 
 class SMCHistory(NamedTuple):
-    """Stored genealogy of a run (``store_history=True``), one row per step.
+    r"""Stored genealogy of a run (``store_history=True``), one row per step.
 
-    ``particles[t]`` are x_t (after the move); ``ancestors[t, i]`` is the index at step t−1 of the
-    parent of particle i at step t (``ancestors[0] = arange(N)``); ``log_weights[t]`` are the
-    normalised log W_t. Rows at or beyond ``num_steps`` of a variable-horizon run are padding.
+    ``particles[t]`` are \(x_t\) (after the move); ``ancestors[t, i]`` is the index at step \(t-1\)
+    of the parent of particle \(i\) at step \(t\) (``ancestors[0] = arange(N)``); ``log_weights[t]``
+    are the normalised \(\log W_t\). Rows at or beyond ``num_steps`` of a variable-horizon run are padding.
     """
 
     particles: PyTree
@@ -53,17 +53,19 @@ class SMCHistory(NamedTuple):
 
 
 class SMCResult(NamedTuple):
-    """Output of :func:`smc`.
+    r"""Output of :func:`smc`.
 
     Attributes:
-        particles: final particles x_{T-1}^{1:N}.
-        log_weights: normalised final log-weights log W_{T-1}.
-        log_evidence: log Ẑ_T (Ẑ_T unbiased for Z_T); −inf when every particle died.
-        ess: ESS of W_t after weighting at each step, shape [max_steps] (NaN past ``num_steps``).
-        resampled: whether step t resampled before moving (step 0 never does).
-        log_evidence_increments: log(Ẑ_t / Ẑ_{t-1}) per step.
+        particles: final particles \(x_{T-1}^{1:N}\).
+        log_weights: normalised final log-weights \(\log W_{T-1}\).
+        log_evidence: \(\log \hat Z_T\) (\(\hat Z_T\) unbiased for \(Z_T\)); \(-\infty\) when every
+            particle died.
+        ess: ESS of \(W_t\) after weighting at each step, shape [max_steps] (NaN past ``num_steps``).
+        resampled: whether step \(t\) resampled before moving (step 0 never does).
+        log_evidence_increments: \(\log(\hat Z_t / \hat Z_{t-1})\) per step.
         num_steps: number of steps actually run.
-        num_nan_potentials: NaN log-potentials seen (each treated as −inf, i.e. a killed particle).
+        num_nan_potentials: NaN log-potentials seen (each treated as \(-\infty\), i.e. a killed
+            particle).
         extinct: True when at some step every particle had zero weight (failure flag).
         reached_max_steps: a variable-horizon run stopped at the cap before all particles were done.
         history: :class:`SMCHistory` when ``store_history=True``.
@@ -71,7 +73,7 @@ class SMCResult(NamedTuple):
             weighted) particles among the last step's particles; ``None`` otherwise.
         model: the final model (adaptive models change their leaves along the run).
         model_info: per-step ``model.info()`` (e.g. tempering exponents), or ``None``.
-        step_info: per-step ``model.step_info(t, previous, particles)`` (leading axis T; zeros
+        step_info: per-step ``model.step_info(t, previous, particles)`` (leading axis \(T\); zeros
             past ``num_steps``), or ``None``.
     """
 
@@ -119,29 +121,29 @@ def smc(
     store_history: bool = False,
     resample_final: bool = False,
 ) -> SMCResult:
-    """Run SMC on a Feynman-Kac model, compiled end to end.
+    r"""Run SMC on a Feynman-Kac model, compiled end to end.
 
     Args:
         key: PRNG key. A key of JAX's default implementation runs as
             :data:`ppl.random.threefry_unrolled` on CPU: the same random numbers, drawn faster.
         model: the Feynman-Kac model (batched protocol of :mod:`ppl.feynman_kac`).
-        num_particles: N ≥ 1 (static).
+        num_particles: \(N \ge 1\) (static).
         resampling: ``"systematic"`` (default), ``"stratified"``, ``"residual"``, ``"multinomial"``
             or an :class:`~samplers.resampling.AbstractResampling`.
-        ess_threshold: resample when ESS < threshold · N; 1 resamples every step, 0 never
-            (sequential importance sampling).
-        num_steps: horizon T; defaults to ``model.num_steps``. With ``None`` the run is a
+        ess_threshold: resample when \(\mathrm{ESS} < \mathrm{threshold} \cdot N\); 1 resamples every step, 0
+            never (sequential importance sampling).
+        num_steps: horizon \(T\); defaults to ``model.num_steps``. With ``None`` the run is a
             ``while_loop`` that stops when every particle is ``done`` or at ``max_steps``.
         max_steps: step cap of a variable-horizon run (required then).
         resample_schedule: optional boolean array [T]; ``schedule[t]`` forces resampling before
-            step t (combined with the ESS rule by "or"; use ``ess_threshold=0`` for a pure schedule).
+            step \(t\) (combined with the ESS rule by "or"; use ``ess_threshold=0`` for a pure schedule).
         reference: pinned trajectory (pytree, leaves [T, ...] without particle axis) for
             conditional SMC; it occupies slot 0.
         ancestor_sampling: redraw the reference's ancestor (needs ``model.log_transition``).
         store_history: keep particles, ancestors and log-weights of every step.
         resample_final: resample once more after the last step, so that the returned particles
-            are equally weighted (``log_weights`` = −log N; ``final_ancestors`` records the draw;
-            log Ẑ and the history are unchanged).
+            are equally weighted (``log_weights`` \(= -\log N\); ``final_ancestors`` records the
+            draw; \(\log \hat Z\) and the history are unchanged).
 
     Returns:
         :class:`SMCResult`.

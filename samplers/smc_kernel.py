@@ -47,15 +47,15 @@ __all__ = ["SMCState", "SMCInfo", "init", "step", "resample_final"]
 
 
 class SMCState(NamedTuple):
-    """State of the SMC kernel after weighting step ``step``.
+    r"""State of the SMC kernel after weighting step ``step``.
 
     Attributes:
-        particles: x_t^{1:N} (a pytree, leaves with the particle axis first).
-        log_weights: normalised log W_t (uniform after extinction).
-        log_evidence: log Ẑ_t (−inf once ``extinct``).
-        ess: ESS(W_t), which decides whether the next step resamples.
-        step: t, the index of the last weighting (0 after :func:`init`).
-        num_nan_potentials: NaN log-potentials seen so far (each treated as −inf, a killed
+        particles: \(x_t^{1:N}\) (a pytree, leaves with the particle axis first).
+        log_weights: normalised \(\log W_t\) (uniform after extinction).
+        log_evidence: \(\log \hat Z_t\) (\(-\infty\) once ``extinct``).
+        ess: \(\mathrm{ESS}(W_t)\), which decides whether the next step resamples.
+        step: \(t\), the index of the last weighting (0 after :func:`init`).
+        num_nan_potentials: NaN log-potentials seen so far (each treated as \(-\infty\), a killed
             particle).
         extinct: at some step every particle had zero weight (failure flag).
         model: for adaptive models (``model.is_adaptive``), the array leaves of the model adapted at
@@ -74,14 +74,14 @@ class SMCState(NamedTuple):
 
 
 class SMCInfo(NamedTuple):
-    """What one :func:`step` did.
+    r"""What one :func:`step` did.
 
     Attributes:
-        ancestors: a^{1:N}, the index at t−1 of each particle's parent (the identity when not
+        ancestors: \(a^{1:N}\), the index at \(t-1\) of each particle's parent (the identity when not
             resampled; with big particle rows a stable permutation, see :mod:`samplers.gather`).
-        ess: ESS(W_t) after weighting.
+        ess: \(\mathrm{ESS}(W_t)\) after weighting.
         resampled: whether the step resampled before moving.
-        log_evidence_increment: log(Ẑ_t / Ẑ_{t−1}) = log Σ_i W_{t−1}^{a^i} G_t^i.
+        log_evidence_increment: \(\log(\hat Z_t / \hat Z_{t-1}) = \log \sum_i W_{t-1}^{a^i} G_t^i\).
         num_nan_potentials: NaN log-potentials at this step.
         model_info: ``model.info()`` after the step (e.g. a tempering exponent), or ``None``.
         step_info: ``model.step_info(t, previous, particles)`` (statistics of the move, e.g.
@@ -112,14 +112,15 @@ def _check_potential(log_g: Array, n: int, where: str) -> Array:
 
 
 def reweight(log_w_prev: Float[Array, " N"], log_g: Float[Array, " N"]):
-    """Return normalised log W_t, the log-evidence increment, an extinction flag, ESS(W_t) and the
-    number of NaN log-potentials (each treated as −inf, a killed particle; +inf stays and is
-    reported through the weights).
+    r"""Return normalised \(\log W_t\), the log-evidence increment, an extinction flag,
+    \(\mathrm{ESS}(W_t)\) and the number of NaN log-potentials (each treated as \(-\infty\), a killed
+    particle; \(+\infty\) stays and is reported through the weights).
 
-    One max and one exp pass serve everything: with e_i = exp(u_i − max u), the increment is
-    log Σ e + max u (the same operations as ``jax.nn.logsumexp``) and ESS = (Σ e)² / Σ e²
-    (Kong 1992); a dead population is reset to uniform weights, ESS = N. ``e`` is materialised
-    once (an optimisation barrier): otherwise XLA re-fuses the exponential into each reduction.
+    One max and one exp pass serve everything: with \(e_i = \exp(u_i - \max u)\), the increment is
+    \(\log \sum_i e_i + \max u\) (the same operations as ``jax.nn.logsumexp``) and
+    \(\mathrm{ESS} = (\sum_i e_i)^2 / \sum_i e_i^2\) (Kong 1992); a dead population is reset to uniform
+    weights, \(\mathrm{ESS} = N\). ``e`` is materialised once (an optimisation barrier): otherwise
+    XLA re-fuses the exponential into each reduction.
     """
     nan = jnp.isnan(log_g)
     num_nan = jnp.sum(nan.astype(jnp.float32)).astype(jnp.int32)
@@ -198,13 +199,13 @@ def init(
     *,
     reference: PyTree | None = None,
 ) -> SMCState:
-    """Draw x_0^{1:N} ~ M_0, weight them by G_0 and return the state at step 0.
+    r"""Draw \(x_0^{1:N} \sim M_0\), weight them by \(G_0\) and return the state at step 0.
 
     Args:
         key: PRNG key (used by ``model.init``).
         model: a Feynman-Kac model (:mod:`ppl.feynman_kac`).
-        num_particles: N ≥ 1 (static).
-        reference: conditional SMC: the pinned particle x*_0 (leaves without the particle axis),
+        num_particles: \(N \ge 1\) (static).
+        reference: conditional SMC: the pinned particle \(x^*_0\) (leaves without the particle axis),
             placed in slot 0.
     """
     checks.feynman_kac_model(model)
@@ -247,17 +248,17 @@ def step(
     reference: PyTree | None = None,
     ancestor_sampling: bool = False,
 ) -> tuple[SMCState, SMCInfo]:
-    """One SMC step t = ``state.step + 1``: resample if due, move, weight.
+    r"""One SMC step \(t\) = ``state.step + 1``: resample if due, move, weight.
 
     Args:
         key: PRNG key of this step.
-        state: the state after step t − 1.
+        state: the state after step \(t - 1\).
         model: the Feynman-Kac model (for adaptive models, its static part; the array leaves
             come from ``state.model``).
         resampling: scheme name or :class:`~samplers.resampling.AbstractResampling`.
-        ess_threshold: resample when ESS < threshold · N (1: every step, 0: never).
+        ess_threshold: resample when \(\mathrm{ESS} < \mathrm{threshold} \cdot N\) (1: every step, 0: never).
         force_resample: optional boolean (a schedule), or-ed with the ESS rule.
-        reference: conditional SMC: the pinned particle x*_t (leaves without the particle axis).
+        reference: conditional SMC: the pinned particle \(x^*_t\) (leaves without the particle axis).
         ancestor_sampling: redraw the reference's ancestor (needs ``model.log_transition``).
 
     Returns:

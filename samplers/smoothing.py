@@ -1,27 +1,28 @@
-"""Smoothing from a stored SMC run: genealogy tracing and backward sampling.
+r"""Smoothing from a stored SMC run: genealogy tracing and backward sampling.
 
-Given a run with ``store_history=True`` (particles x_t^{1:N}, ancestors a_t^{1:N}, normalised
-weights W_t^{1:N}), the smoothing distribution p(x_{0:T-1} | y_{0:T-1}) of a state-space model
-(more generally the Feynman-Kac path measure) is approximated by
+Given a run with ``store_history=True`` (particles \(x_t^{1:N}\), ancestors \(a_t^{1:N}\), normalised
+weights \(W_t^{1:N}\)), the smoothing distribution \(p(x_{0:T-1} \mid y_{0:T-1})\) of a state-space
+model (more generally the Feynman-Kac path measure) is approximated by
 
-- **genealogy tracing** (Kitagawa 1996): draw b_{T-1} ~ W_{T-1}, then b_{t-1} = a_t^{b_t}. Cheap
-  (O(T) per path) but degenerate: the early steps of all paths share few ancestors.
-- **backward sampling** (FFBS; Godsill, Doucet & West 2004): b_{T-1} ~ W_{T-1}, then
-  P(b_t = i | b_{t+1}) ∝ W_t^i m_{t+1}(x_t^i, x_{t+1}^{b_{t+1}}). O(N) per path and step, O(N²)
-  for N paths, and free of path degeneracy.
+- **genealogy tracing** (Kitagawa 1996): draw \(b_{T-1} \sim W_{T-1}\), then
+  \(b_{t-1} = a_t^{b_t}\). Cheap (\(O(T)\) per path) but degenerate: the early steps of all paths
+  share few ancestors.
+- **backward sampling** (FFBS; Godsill, Doucet & West 2004): \(b_{T-1} \sim W_{T-1}\), then
+  \(P(b_t = i \mid b_{t+1}) \propto W_t^i\, m_{t+1}(x_t^i, x_{t+1}^{b_{t+1}})\). \(O(N)\) per path
+  and step, \(O(N^2)\) for \(N\) paths, and free of path degeneracy.
 - **MCMC backward sampling** (Bunch & Godsill 2013; Dau & Chopin 2023, "On backward smoothing
-  algorithms", Ann. Statist.): start from the genealogy parent a_{t+1}^{b_{t+1}} (an exact draw of
-  the backward kernel given the particles, under multinomial resampling) and apply K independent
-  Metropolis-Hastings steps with proposal W_t, which leave the backward kernel invariant. O(K) per
-  path and step.
+  algorithms", Ann. Statist.): start from the genealogy parent \(a_{t+1}^{b_{t+1}}\) (an exact draw
+  of the backward kernel given the particles, under multinomial resampling) and apply \(K\)
+  independent Metropolis-Hastings steps with proposal \(W_t\), which leave the backward kernel
+  invariant. \(O(K)\) per path and step.
 
 The backward kernel uses ``model.log_transition(t, x_{t-1}, x_t)``: it must be the
-x_{t-1}-dependent part of the path measure's factor m_t(x_{t-1}, x_t) G_t(x_{t-1}, x_t) — for a
-bootstrap filter the transition density, for a guided filter of a state-space model the *model*
-transition p(x_t | x_{t-1}) (its potential's x_{t-1}-dependence cancels the proposal's). For a
-Feynman-Kac model whose ``log_transition`` is the density of M_t alone and whose potential depends
-on x_{t-1}, pass ``include_potential=True`` to add log G_t(x_{t-1}^i, x_t). The same convention is
-used by the engine's ancestor sampling.
+\(x_{t-1}\)-dependent part of the path measure's factor \(m_t(x_{t-1}, x_t)\, G_t(x_{t-1}, x_t)\) —
+for a bootstrap filter the transition density, for a guided filter of a state-space model the
+*model* transition \(p(x_t \mid x_{t-1})\) (its potential's \(x_{t-1}\)-dependence cancels the
+proposal's). For a Feynman-Kac model whose ``log_transition`` is the density of \(M_t\) alone and
+whose potential depends on \(x_{t-1}\), pass ``include_potential=True`` to add
+\(\log G_t(x_{t-1}^i, x_t)\). The same convention is used by the engine's ancestor sampling.
 
 Reference: Chopin & Papaspiliopoulos (2020), *An Introduction to Sequential Monte Carlo*, ch. 12.
 """
@@ -50,11 +51,11 @@ __all__ = [
 
 
 class SmoothingSamples(NamedTuple):
-    """M smoothing trajectories of a stored run.
+    r"""\(M\) smoothing trajectories of a stored run.
 
     Attributes:
-        trajectories: pytree with leaves [M, T, ...]; ``trajectories[m]`` is one path x_{0:T-1}.
-        indices: [M, T] particle index of path m at step t.
+        trajectories: pytree with leaves [M, T, ...]; ``trajectories[m]`` is one path \(x_{0:T-1}\).
+        indices: [M, T] particle index of path \(m\) at step \(t\).
         acceptance_rate: mean MH acceptance of the MCMC backward sampler (1 for FFBS, NaN for
             genealogy tracing).
     """
@@ -77,9 +78,9 @@ def trace_genealogy(
     indices: Int[Array, " M"],
     num_steps: Int[Array, ""] | int | None = None,
 ) -> Int[Array, "M T"]:
-    """Indices b[m, t] of the ancestors at step t of the final particles ``indices[m]``.
+    r"""Indices \(b[m, t]\) of the ancestors at step \(t\) of the final particles ``indices[m]``.
 
-    b[m, T-1] = indices[m] and b[m, t-1] = a_t^{b[m, t]}. For a variable-horizon run, pass
+    \(b[m, T-1] = \mathrm{indices}[m]\) and \(b[m, t-1] = a_t^{b[m, t]}\). For a variable-horizon run, pass
     ``num_steps`` (``result.num_steps``): rows at or beyond it are padding, and the trace starts at
     row ``num_steps - 1`` (padding rows repeat the final index).
     """
@@ -117,9 +118,9 @@ def genealogy_paths(
     indices: Int[Array, " M"],
     num_steps: Int[Array, ""] | int | None = None,
 ) -> PyTree:
-    """Trajectories (leaves [M, T, ...]) of the final particles ``indices`` through the genealogy.
+    r"""Trajectories (leaves [M, T, ...]) of the final particles ``indices`` through the genealogy.
 
-    Padding rows of a variable-horizon run (t ≥ ``num_steps``) repeat the final state, which is
+    Padding rows of a variable-horizon run (\(t \ge\) ``num_steps``) repeat the final state, which is
     how a finished (``done``) particle stays.
     """
     b = trace_genealogy(history, indices, num_steps)
@@ -129,7 +130,7 @@ def genealogy_paths(
 def sample_genealogy(
     key: PRNGKeyArray, result: SMCResult, num_samples: int
 ) -> SmoothingSamples:
-    """Draw ``num_samples`` final particles from W_{T-1} and trace their genealogy."""
+    r"""Draw ``num_samples`` final particles from \(W_{T-1}\) and trace their genealogy."""
     _check_result(result)
     checks.positive_int("num_samples", num_samples)
     idx = jax.random.categorical(key, result.log_weights, shape=(num_samples,)).astype(jnp.int32)
@@ -146,7 +147,10 @@ def _check_result(result):
 
 
 def _backward_log_weights(model, t_next, x_t, x_next_one, include_potential):
-    """log m_{t+1}(x_t^i, x_{t+1}) (+ log G_{t+1}) for all i, for one x_{t+1} (no particle axis)."""
+    r"""\(\log m_{t+1}(x_t^i, x_{t+1})\) (\(+ \log G_{t+1}\)) for all \(i\), for one \(x_{t+1}\).
+
+    No particle axis on \(x_{t+1}\).
+    """
     batch = tree.broadcast_rows(x_next_one, tree.num_particles(x_t))
     lw = model.log_transition(t_next, x_t, batch)
     if include_potential:
@@ -174,9 +178,9 @@ def ffbs(
     *,
     include_potential: bool = False,
 ) -> SmoothingSamples:
-    """Forward filtering, backward sampling: ``num_samples`` independent paths, O(T N M).
+    r"""Forward filtering, backward sampling: ``num_samples`` independent paths, \(O(TNM)\).
 
-    P(b_t = i | b_{t+1}) ∝ W_t^i exp(log_transition(t+1, x_t^i, x_{t+1}^{b_{t+1}})).
+    \(P(b_t = i \mid b_{t+1}) \propto W_t^i \exp(\mathrm{log\_transition}(t+1, x_t^i, x_{t+1}^{b_{t+1}}))\).
     """
     _check_backward_inputs(model, result)
     checks.positive_int("num_samples", num_samples)
@@ -216,11 +220,12 @@ def mcmc_backward_sampling(
     num_mcmc_steps: int = 5,
     include_potential: bool = False,
 ) -> SmoothingSamples:
-    """Backward sampling by independent Metropolis-Hastings, O(T M K) (Dau & Chopin 2023).
+    r"""Backward sampling by independent Metropolis-Hastings, \(O(TMK)\) (Dau & Chopin 2023).
 
-    At step t, start from the genealogy parent i_0 = a_{t+1}^{b_{t+1}}, then K times propose
-    i' ~ W_t and accept with probability min(1, m_{t+1}(x_t^{i'}, x_{t+1}) / m_{t+1}(x_t^{i},
-    x_{t+1})): each step leaves the FFBS backward kernel invariant.
+    At step \(t\), start from the genealogy parent \(i_0 = a_{t+1}^{b_{t+1}}\), then \(K\) times
+    propose \(i' \sim W_t\) and accept with probability
+    \(\min\big(1, m_{t+1}(x_t^{i'}, x_{t+1}) / m_{t+1}(x_t^{i}, x_{t+1})\big)\): each step leaves the
+    FFBS backward kernel invariant.
     """
     _check_backward_inputs(model, result)
     checks.positive_int("num_samples", num_samples)
@@ -232,7 +237,10 @@ def mcmc_backward_sampling(
 
 
 def _log_m_pairs(model, t_next, x_t, idx, x_next_chosen, include_potential):
-    """log m_{t+1}(x_t^{idx[m]}, x_next_chosen[m]) for m = 1..M (batched over M)."""
+    r"""\(\log m_{t+1}(x_t^{\mathrm{idx}[m]}, x^{\mathrm{next}}_m)\) for \(m = 1..M\) (batched over \(M\)).
+
+    \(x^{\mathrm{next}}_m\) is ``x_next_chosen[m]``.
+    """
     prev = tree.gather(x_t, idx)
     lw = model.log_transition(t_next, prev, x_next_chosen)
     if include_potential:

@@ -66,9 +66,10 @@ __all__ = ["TemperedParticles", "AdaptiveTempering", "TemperedSMCResult", "tempe
 
 
 class TemperedParticles(NamedTuple):
-    """Particles of the tempering model: unconstrained positions, their log-likelihood (cached),
+    r"""Particles of the tempering model: unconstrained positions, their log-likelihood (cached),
     and of their last move (NaN / 0 before any move): each particle's mean acceptance probability,
-    its squared jump (z − z_start)ᵀ Σ⁻¹ (z − z_start) / D and the number of MCMC transitions."""
+    its squared jump \((z - z_{\mathrm{start}})^\top \Sigma^{-1} (z - z_{\mathrm{start}}) / D\) and the
+    number of MCMC transitions."""
 
     z: Float[Array, "N D"]
     log_likelihood: Float[Array, " N"]
@@ -84,26 +85,26 @@ def _densities(target, z):
 
 
 class AdaptiveTempering(AbstractFeynmanKac):
-    """Adaptive tempering from π_0 to π_0 L (see the module docstring).
+    r"""Adaptive tempering from \(\pi_0\) to \(\pi_0 L\) (see the module docstring).
 
     Args:
         target: a :class:`~ppl.numpyro_model.NumpyroModel`, or any module with ``dim``,
-            ``log_prior(z)``, ``log_likelihood(z)`` and ``sample_prior(key, n)`` on R^D.
+            ``log_prior(z)``, ``log_likelihood(z)`` and ``sample_prior(key, n)`` on \(\mathbb{R}^D\).
         kernel: the MCMC move, ``"hmc"`` (default), ``"nuts"``, ``"rwm"`` or an
             :class:`~samplers.mcmc_kernels.AbstractMCMCKernel`.
         num_mcmc_steps: MCMC transitions per SMC step, at least.
         max_mcmc_steps: at most (default ``max(50, num_mcmc_steps)``); between the two, the move
-            continues while the mean squared jump J < ``target_jump``. ``max_mcmc_steps =
+            continues while the mean squared jump \(J <\) ``target_jump``. ``max_mcmc_steps =
             num_mcmc_steps`` gives a fixed number of transitions.
-        target_jump: J to reach in each move (see the module docstring; 2 = independent).
-        target_ess: ρ ∈ (0, 1), the (conditional) ESS fraction kept at each step.
-        criterion: ``"cess"`` (conditional ESS, default) or ``"ess"`` (ESS of W·g).
-        bisection_steps: bisection iterations for λ_t.
-        progress: report λ_t to the open progress bar (:mod:`ppl.progress`) at every step.
+        target_jump: \(J\) to reach in each move (see the module docstring; 2 = independent).
+        target_ess: \(\rho \in (0, 1)\), the (conditional) ESS fraction kept at each step.
+        criterion: ``"cess"`` (conditional ESS, default) or ``"ess"`` (ESS of \(W g\)).
+        bisection_steps: bisection iterations for \(\lambda_t\).
+        progress: report \(\lambda_t\) to the open progress bar (:mod:`ppl.progress`) at every step.
 
-    Array leaves (changed by ``adapt``): ``lam`` (λ of the current step), ``lam_prev``, the next
+    Array leaves (changed by ``adapt``): ``lam`` (\(\lambda\) of the current step), ``lam_prev``, the next
     move's ``step_size`` and ``cov``, and of this step's move ``acceptance`` (mean acceptance),
-    ``jump`` (J) and ``mcmc_steps`` (transitions). ``info()`` records ``{"lam", "acceptance",
+    ``jump`` (\(J\)) and ``mcmc_steps`` (transitions). ``info()`` records ``{"lam", "acceptance",
     "step_size", "jump", "mcmc_steps"}`` per step.
     Run with ``smc(key, model, N, ess_threshold=1.0, max_steps=cap)``.
     """
@@ -186,7 +187,8 @@ class AdaptiveTempering(AbstractFeynmanKac):
         return TemperedParticles(z, ll, nan, nan, jnp.zeros((num_particles,), jnp.int32))
 
     def tempered_log_density(self, lam: Float[Array, ""]) -> Callable:
-        """z ↦ log π_0(z) + λ log L(z) (the λ = 0 case ignores L, even where it is −inf)."""
+        r"""\(z \mapsto \log \pi_0(z) + \lambda \log L(z)\) (the \(\lambda = 0\) case ignores \(L\), even
+        where it is \(-\infty\))."""
 
         def logdensity(z):
             lp, ll = _densities(self.target, z)
@@ -195,9 +197,9 @@ class AdaptiveTempering(AbstractFeynmanKac):
         return logdensity
 
     def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: TemperedParticles):
-        """Transitions of every particle (one blackjax state per particle, carried through a
+        r"""Transitions of every particle (one blackjax state per particle, carried through a
         ``while_loop``): ``num_mcmc_steps`` of them, then more while the mean squared jump
-        J < ``target_jump`` and fewer than ``max_mcmc_steps`` were made."""
+        \(J <\) ``target_jump`` and fewer than ``max_mcmc_steps`` were made."""
         logdensity = self.tempered_log_density(self.lam)  # λ_{t-1}: adapt has not run yet
         prepared = self.kernel.prepare(self.step_size, self.cov)
         z0 = particles.z
@@ -242,7 +244,8 @@ class AdaptiveTempering(AbstractFeynmanKac):
 
     # ---- adaptation ---------------------------------------------------------------------------
     def _log_criterion(self, delta, log_w, ll):
-        """log of CESS/N (or ESS/N) of the increments L^delta under normalised weights log_w."""
+        r"""\(\log\) of \(\mathrm{CESS}/N\) (or \(\mathrm{ESS}/N\)) of the increments \(L^\delta\) under
+        normalised weights ``log_w``."""
         lg = jnp.where(delta > 0, delta * ll, 0.0)
         if self.criterion == "cess":
             return 2 * jax.nn.logsumexp(log_w + lg) - jax.nn.logsumexp(log_w + 2 * lg)
@@ -251,8 +254,9 @@ class AdaptiveTempering(AbstractFeynmanKac):
     def next_lambda(
         self, log_weights: Float[Array, " N"], log_likelihood: Float[Array, " N"]
     ) -> Float[Array, ""]:
-        """λ_t: the largest λ ≤ 1 with criterion(λ − λ_{t-1}) ≥ ρ, by bisection (the criterion
-        decreases in the increment, since tilted means of log L increase with the tilt)."""
+        r"""\(\lambda_t\): the largest \(\lambda \le 1\) with
+        \(\mathrm{criterion}(\lambda - \lambda_{t-1}) \ge \rho\), by bisection (the criterion decreases in the
+        increment, since tilted means of \(\log L\) increase with the tilt)."""
         ll = jnp.where(jnp.isnan(log_likelihood), -jnp.inf, log_likelihood)
         log_w = normalise(log_weights)
         lam_prev = self.lam
@@ -306,26 +310,26 @@ class AdaptiveTempering(AbstractFeynmanKac):
 
 
 class TemperedSMCResult(NamedTuple):
-    """Output of :func:`tempered_smc` (per-step arrays have length ``max_steps``, NaN past
+    r"""Output of :func:`tempered_smc` (per-step arrays have length ``max_steps``, NaN past
     ``num_steps``).
 
     Attributes:
         samples: constrained posterior draws (latent and deterministic sites), leading axis N,
             weighted by ``exp(log_weights)``.
         log_weights: normalised final log-weights.
-        log_evidence: log Ẑ, estimate of log p(y).
-        lambdas: the tempering schedule λ_0 < λ_1 < ... < λ_{T-1} = 1.
+        log_evidence: \(\log \hat Z\), estimate of \(\log p(y)\).
+        lambdas: the tempering schedule \(\lambda_0 < \lambda_1 < \dots < \lambda_{T-1} = 1\).
         ess: ESS after weighting at each step.
         acceptance_rate: mean MCMC acceptance of each step's move (NaN at step 0).
-        jump: mean squared jump J of each step's move (NaN at step 0; module docstring).
+        jump: mean squared jump \(J\) of each step's move (NaN at step 0; module docstring).
         mcmc_steps: MCMC transitions of each step's move (0 at step 0, −1 past ``num_steps``).
-        num_unmixed_steps: moves that ended at ``max_mcmc_steps`` with J < ``target_jump``
+        num_unmixed_steps: moves that ended at ``max_mcmc_steps`` with \(J <\) ``target_jump``
             (failure flag: the particles may not represent the posterior).
-        num_steps: T, number of SMC steps run.
-        reached_max_steps: λ did not reach 1 within ``max_steps`` (failure flag).
+        num_steps: \(T\), number of SMC steps run.
+        reached_max_steps: \(\lambda\) did not reach 1 within ``max_steps`` (failure flag).
         extinct: every particle had zero weight at some step (failure flag).
-        num_nan_potentials: NaN log-likelihoods seen (treated as −inf).
-        particles: final unconstrained particles z, shape [N, D].
+        num_nan_potentials: NaN log-likelihoods seen (treated as \(-\infty\)).
+        particles: final unconstrained particles \(z\), shape [N, D].
         smc: the engine's :class:`~samplers.smc.SMCResult`.
     """
 
@@ -348,8 +352,8 @@ class TemperedSMCResult(NamedTuple):
     def to_inference_data(self, key: PRNGKeyArray | None = None):
         """arviz ``InferenceData``: ``posterior`` holds N equally weighted draws (one chain; the
         weighted particles resampled systematically with ``key``, default ``jax.random.key(0)``),
-        ``sample_stats`` their log-likelihood (``total_log_likelihood``), and the group ``smc_path`` the path per step
-        (λ, ESS, acceptance, mean squared jump, MCMC transitions) with ``log_evidence``,
+        ``sample_stats`` their log-likelihood (``total_log_likelihood``), and the group ``smc_path`` the path
+        per step (λ, ESS, acceptance, mean squared jump, MCMC transitions) with ``log_evidence``,
         ``num_steps`` and ``num_unmixed_steps`` as attributes. Not under ``jit``."""
         import xarray as xr
 
@@ -392,7 +396,7 @@ def tempered_smc(
     progress: bool = True,
     **model_kwargs: Any,
 ) -> TemperedSMCResult:
-    """Adaptive tempered SMC on a numpyro model: posterior samples and log evidence.
+    r"""Adaptive tempered SMC on a numpyro model: posterior samples and log evidence.
 
     ``numpyro_model(*model_args, **model_kwargs)`` is the model (or pass a prebuilt
     :class:`~ppl.numpyro_model.NumpyroModel` and no model arguments). Resamples every step
@@ -401,9 +405,9 @@ def tempered_smc(
     The MCMC effort adapts (see the module docstring): each move makes ``num_mcmc_steps`` to
     ``max_mcmc_steps`` transitions of ``kernel`` (HMC by default), until the particles' mean squared
     jump reaches ``target_jump``. Called eagerly, it warns (``RuntimeWarning``) when a move ended
-    below that target, when λ did not reach 1 within ``max_steps``, and (from the engine) about NaN
+    below that target, when \(\lambda\) did not reach 1 within ``max_steps``, and (from the engine) about NaN
     log-likelihoods and extinction; the result carries the same facts as fields. ``progress``: a
-    progress bar of λ from 0 to 1 (stderr; only for an eager call).
+    progress bar of \(\lambda\) from 0 to 1 (stderr; only for an eager call).
     """
     if isinstance(numpyro_model, NumpyroModel):
         if model_args or model_kwargs:

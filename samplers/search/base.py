@@ -80,13 +80,13 @@ class SearchModel(Protocol):
 
 @runtime_checkable
 class ExpandableSearchModel(SearchModel, Protocol):
-    """A search model that can enumerate its next steps (deterministic beam search).
+    r"""A search model that can enumerate its next steps (deterministic beam search).
 
     ``expand_all(particles)`` returns ``(children, log_probs)``: ``children`` has leaves with
-    leading axis ``N * num_children`` (parent-major: row ``i * C + c`` is child c of parent i) and
-    ``log_probs`` [N, C] the move's log-probability of each child (−inf: not a possible child; such
-    slots are ignored). Children of finished parents are ignored (the parent is kept instead).
-    ``initial_state(n)`` is n copies of the root (the prompt, no step taken).
+    leading axis ``N * num_children`` (parent-major: row ``i * C + c`` is child \(c\) of parent \(i\))
+    and ``log_probs`` [N, C] the move's log-probability of each child (\(-\infty\): not a possible
+    child; such slots are ignored). Children of finished parents are ignored (the parent is kept instead).
+    ``initial_state(n)`` is ``n`` copies of the root (the prompt, no step taken).
     """
 
     num_children: int
@@ -196,7 +196,7 @@ class Compute(NamedTuple):
     """Exact compute of one search run.
 
     Attributes:
-        tokens_generated: Σ over every generated candidate of the tokens its steps appended
+        tokens_generated: sum over every generated candidate of the tokens its steps appended
             (siblings of a beam each count their own step; finished particles add nothing).
         reward_calls: particles scored by the reward model (cached scores of finished particles
             are reused, not re-counted).
@@ -214,13 +214,13 @@ class Compute(NamedTuple):
 
 
 class SearchResult(NamedTuple):
-    """Output of every search method.
+    r"""Output of every search method.
 
     Attributes:
         particles: the final population, leaves [P, ...] (best-of-N and voting: the N samples;
             beam search: the kept beams; DVTS: the beams of every subtree).
         scores: [P] reward score of each final particle (NaN where the method never scores,
-            i.e. self-consistency; −inf for ``valid = False`` slots).
+            i.e. self-consistency; \(-\infty\) for ``valid = False`` slots).
         answers: [P] answer id of each final particle.
         valid: [P] slot holds a real candidate (beam search with fewer candidates than beams
             leaves empty slots; always True for sampling methods).
@@ -228,7 +228,7 @@ class SearchResult(NamedTuple):
         answer: the chosen answer id.
         compute: :class:`Compute`.
         reached_max_steps: some particle was still unfinished at the step cap (failure flag).
-        num_nan_scores: NaN scores seen (each treated as −inf).
+        num_nan_scores: NaN scores seen (each treated as \(-\infty\)).
     """
 
     particles: PyTree
@@ -267,7 +267,7 @@ def top_k(values: Float[Array, "G M"], k: int) -> Int[Array, "G k"]:
 
 
 def sanitise_scores(scores: Float[Array, " N"]) -> tuple[Float[Array, " N"], Int[Array, ""]]:
-    """NaN → −inf, and the number of NaNs."""
+    r"""NaN \(\to -\infty\), and the number of NaNs."""
     nan = jnp.isnan(scores)
     return jnp.where(nan, -jnp.inf, scores), jnp.sum(nan).astype(jnp.int32)
 
@@ -275,8 +275,8 @@ def sanitise_scores(scores: Float[Array, " N"]) -> tuple[Float[Array, " N"], Int
 def vote(
     answers: Int[Array, " N"], weights: Float[Array, " N"]
 ) -> tuple[Int[Array, ""], Float[Array, " N"]]:
-    """Weighted vote: totals_i = Σ_j w_j 1{a_j = a_i}; the winner is the answer of the first
-    particle whose answer has the largest total (so tied answers win in proportion to their number
+    r"""Weighted vote: \(\mathrm{totals}_i = \sum_j w_j \mathbf{1}\{a_j = a_i\}\); the winner is the answer of
+    the first particle whose answer has the largest total (so tied answers win in proportion to their number
     of votes, the particles being exchangeable). Returns (index of that particle, totals)."""
     same = answers[:, None] == answers[None, :]
     totals = jnp.sum(jnp.where(same, weights[None, :], 0.0), axis=1)
@@ -369,12 +369,12 @@ def sample_and_select(
     *,
     scored: bool = True,
 ) -> SearchResult:
-    """N complete particles drawn independently (:func:`rollout`), then one chosen by a rule.
+    r"""\(N\) complete particles drawn independently (:func:`rollout`), then one chosen by a rule.
 
     ``select_fn(scores, answers) -> index`` is the method's selection rule. With ``scored`` the
-    reward model scores every sample (NaN → −inf, counted; N reward calls); without it nothing is
-    scored and ``scores`` are NaN (``select_fn`` receives them). Compute: Σ_i num_tokens(x^i)
-    tokens. Untimed (see :func:`run_sample_and_select`).
+    reward model scores every sample (NaN \(\to -\infty\), counted; \(N\) reward calls); without it
+    nothing is scored and ``scores`` are NaN (``select_fn`` receives them). Compute:
+    \(\sum_i \mathrm{num\_tokens}(x^i)\) tokens. Untimed (see :func:`run_sample_and_select`).
     """
     particles, steps, at_cap = rollout(key, model, n, max_steps)
     answers = model.answer(particles)

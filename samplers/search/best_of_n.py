@@ -1,11 +1,17 @@
-"""Best-of-N: draw N complete particles independently, return the one the reward model scores best.
+r"""Best-of-N: draw N complete particles independently, return the one the reward model scores best.
 
-x^1, ..., x^N i.i.d. from the model's generation law (``init`` then ``move`` until ``done``);
-the result is x^{i*}, i* = argmax_i score(x^i) (ties: lowest i). Its law is that of the argmax of
-N i.i.d. draws: for a discrete generation law p with score s,
-P(select x) = [F(s(x))^N − F⁻(s(x))^N] · p(x) / p(s = s(x)), F the CDF of s(X), F⁻ its left limit.
+\(x^1, \dots, x^N\) i.i.d. from the model's generation law (``init`` then ``move`` until ``done``);
+the result is \(x^{i^*}\), \(i^* = \operatorname{argmax}_i \mathrm{score}(x^i)\) (ties: lowest
+\(i\)). Its law is that of the argmax of \(N\) i.i.d. draws: for a discrete generation law \(p\)
+with score \(s\),
 
-Compute: Σ_i num_tokens(x^i) tokens, N reward-model calls.
+\[
+P(\text{select } x) = \big[F(s(x))^N - F^-(s(x))^N\big] \frac{p(x)}{p(s = s(x))},
+\]
+
+\(F\) the CDF of \(s(X)\), \(F^-\) its left limit.
+
+Compute: \(\sum_i \mathrm{num\_tokens}(x^i)\) tokens, \(N\) reward-model calls.
 
 Reference: Cobbe et al. (2021), "Training verifiers to solve math word problems"; Snell et al.
 (2024); Beeching, Tunstall & Rush (2024).
@@ -24,12 +30,12 @@ __all__ = ["best_of_n"]
 def best_of_n(
     key: PRNGKeyArray, model: SearchModel, num_particles: int, *, max_steps: int | None = None
 ) -> SearchResult:
-    """Best-of-N under the model's reward ``score``.
+    r"""Best-of-N under the model's reward ``score``.
 
     Args:
         key: PRNG key.
         model: a :class:`~samplers.search.base.SearchModel`.
-        num_particles: N ≥ 1 (static).
+        num_particles: \(N \ge 1\) (static).
         max_steps: step cap of the generation (default ``model.max_num_steps``).
 
     Returns:

@@ -1,10 +1,11 @@
-"""Self-consistency: draw N complete particles, return the most frequent answer (majority vote).
+r"""Self-consistency: draw N complete particles, return the most frequent answer (majority vote).
 
-x^1, ..., x^N i.i.d. from the generation law, answers a^i = answer(x^i); the winner maximises the
-count n_a = Σ_i 1{a^i = a}. Ties go to the answer of the earliest particle among the tied answers,
-so given the counts a tied answer wins with probability n_a / Σ_{b tied} n_b (exchangeability). As
-N → ∞ the vote returns the mode of the model's answer law with probability → 1 (law of large
-numbers), when the mode is unique. No reward model is called.
+\(x^1, \dots, x^N\) i.i.d. from the generation law, answers \(a^i = \mathrm{answer}(x^i)\); the
+winner maximises the count \(n_a = \sum_i \mathbf{1}\{a^i = a\}\). Ties go to the answer of the
+earliest particle among the tied answers, so given the counts a tied answer wins with probability
+\(n_a / \sum_{b \text{ tied}} n_b\) (exchangeability). As \(N \to \infty\) the vote returns the mode
+of the model's answer law with probability \(\to 1\) (law of large numbers), when the mode is
+unique. No reward model is called.
 
 Reference: Wang et al. (2023), "Self-consistency improves chain of thought reasoning in language
 models".
