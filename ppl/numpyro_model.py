@@ -1,19 +1,25 @@
-"""A numpyro model as a tempering target: log prior, log likelihood and prior draws in R^D.
+r"""A numpyro model as a tempering target: log prior, log likelihood and prior draws in \(\mathbb{R}^D\).
 
 For a numpyro model with latent sites θ (continuous) and observed sites y (``obs=``), tempered
-samplers need, in the unconstrained space z = T^{-1}(θ) ∈ R^D (T = ``biject_to(support)``):
+samplers need, in the unconstrained space \(z = T^{-1}(\theta) \in \mathbb{R}^D\)
+(\(T\) = ``biject_to(support)``):
 
-    log π_0(z) = log p(T(z)) + log |det ∂T(z)/∂z|      (``log_prior``: prior with log-Jacobian)
-    log L(z)   = Σ_{observed sites} log p(y | T(z))      (``log_likelihood``)
+\[
+\begin{aligned}
+\log \pi_0(z) &= \log p(T(z)) + \log \left|\det \partial T(z)/\partial z\right|, \\
+\log L(z) &= \sum_{\text{observed sites}} \log p(y \mid T(z))
+\end{aligned}
+\]
 
-so that the tempered targets are π_λ(z) ∝ π_0(z) L(z)^λ, λ ∈ [0, 1], and π_1 is the posterior in
-unconstrained coordinates. Latent values are flattened to one vector z of dimension D
+(``log_prior``: the prior with its log-Jacobian; ``log_likelihood``), so that the tempered targets are
+\(\pi_\lambda(z) \propto \pi_0(z)\, L(z)^\lambda\), \(\lambda \in [0, 1]\), and \(\pi_1\) is the posterior in
+unconstrained coordinates. Latent values are flattened to one vector \(z\) of dimension \(D\)
 (``jax.flatten_util.ravel_pytree`` order); ``unravel``/``constrain`` map back.
 
 Everything model-specific is numpyro's (``numpyro.infer.util``): ``unconstrain_fn`` gives the
 unconstrained layout (found by abstract evaluation, so building a model compiles nothing); the
 substitute-and-unconstrain handler of ``potential_energy`` adds the log-Jacobian factors, so
-log π_0 + log L = −potential_energy; ``compute_log_probs`` scores every site (honouring
+\(\log \pi_0 + \log L = -\)``potential_energy``; ``compute_log_probs`` scores every site (honouring
 ``scale``/``mask`` handlers); ``unconstrain_fn``/``constrain_fn`` transform.
 
 Reference: Del Moral, Doucet & Jasra (2006), "Sequential Monte Carlo samplers", JRSS B.
@@ -47,7 +53,8 @@ __all__ = ["NumpyroModel", "from_numpyro"]
 
 
 class NumpyroModel(eqx.Module):
-    """A numpyro model seen as prior π_0 and likelihood L on the flat unconstrained space R^D.
+    r"""A numpyro model seen as prior \(\pi_0\) and likelihood \(L\) on the flat unconstrained space
+    \(\mathbb{R}^D\).
 
     Build it with :func:`from_numpyro`. Data passed as model arguments are array leaves (traced
     under ``jit``, not baked in); the model callable and the site layout are static.
@@ -71,16 +78,16 @@ class NumpyroModel(eqx.Module):
         return {name: jnp.zeros(shape, dtype) for name, shape, dtype in self.layout}
 
     def ravel(self, params: dict) -> Float[Array, " D"]:
-        """Flatten a dict of unconstrained latent values into z ∈ R^D."""
+        r"""Flatten a dict of unconstrained latent values into \(z \in \mathbb{R}^D\)."""
         return ravel_pytree({name: params[name] for name, _, _ in self.layout})[0]
 
     def unravel(self, z: Float[Array, " D"]) -> dict:
-        """The dict of unconstrained latent values of a flat z ∈ R^D."""
+        r"""The dict of unconstrained latent values of a flat \(z \in \mathbb{R}^D\)."""
         return ravel_pytree(self._prototype())[1](z)
 
     # ---- densities --------------------------------------------------------------------------
     def log_densities(self, z: Float[Array, " D"]) -> tuple[Float[Array, ""], Float[Array, ""]]:
-        """(log π_0(z), log L(z)) from one trace of the model (see the module docstring)."""
+        r"""\((\log \pi_0(z), \log L(z))\) from one trace of the model (see the module docstring)."""
         params = self.unravel(z)
         model = substitute(self.model, substitute_fn=partial(_unconstrain_reparam, params))
         log_probs, _ = compute_log_probs(model, self.model_args, self.model_kwargs, {})
@@ -89,21 +96,21 @@ class NumpyroModel(eqx.Module):
         return log_joint - log_lik, log_lik
 
     def log_prior(self, z: Float[Array, " D"]) -> Float[Array, ""]:
-        """log π_0(z): log prior of T(z) plus the log-Jacobian of T."""
+        r"""\(\log \pi_0(z)\): log prior of \(T(z)\) plus the log-Jacobian of \(T\)."""
         return self.log_densities(z)[0]
 
     def log_likelihood(self, z: Float[Array, " D"]) -> Float[Array, ""]:
-        """log L(z): sum of the observed sites' log-probabilities at θ = T(z)."""
+        r"""\(\log L(z)\): sum of the observed sites' log-probabilities at \(\theta = T(z)\)."""
         return self.log_densities(z)[1]
 
     def log_joint(self, z: Float[Array, " D"]) -> Float[Array, ""]:
-        """log π_0(z) + log L(z) (= −numpyro ``potential_energy``)."""
+        r"""\(\log \pi_0(z) + \log L(z)\) (\(= -\)numpyro ``potential_energy``)."""
         lp, ll = self.log_densities(z)
         return lp + ll
 
     # ---- prior draws and constraining --------------------------------------------------------
     def sample_prior(self, key: PRNGKeyArray, num_samples: int) -> Float[Array, "n D"]:
-        """``num_samples`` i.i.d. draws of z ~ π_0 (prior draws of θ mapped by T^{-1})."""
+        r"""``num_samples`` i.i.d. draws of \(z \sim \pi_0\) (prior draws of θ mapped by \(T^{-1}\))."""
         checks.positive_int("num_samples", num_samples)
 
         def one(k):
@@ -115,7 +122,7 @@ class NumpyroModel(eqx.Module):
         return jax.vmap(one)(jax.random.split(key, num_samples))
 
     def constrain(self, z: Float[Array, "... D"], *, deterministic: bool = True) -> dict:
-        """Constrained latent values θ = T(z) (and ``deterministic`` sites) for z of shape
+        r"""Constrained latent values \(\theta = T(z)\) (and ``deterministic`` sites) for \(z\) of shape
         [..., D]; every leaf keeps the leading batch axes of ``z``."""
         z = jnp.asarray(z)
         if z.ndim < 1 or z.shape[-1] != self.dim:
@@ -161,12 +168,12 @@ def from_numpyro(
     likelihood_sites: tuple[str, ...] | None = None,
     **model_kwargs: Any,
 ) -> NumpyroModel:
-    """Build the tempering view of a numpyro model called as ``model(*model_args, **model_kwargs)``.
+    r"""Build the tempering view of a numpyro model called as ``model(*model_args, **model_kwargs)``.
 
     Args:
         model: a numpyro model (Python callable); observed sites carry ``obs=``.
         *model_args, **model_kwargs: its arguments (data arrays become traced leaves).
-        likelihood_sites: names of the observed sites forming L (default: every observed sample
+        likelihood_sites: names of the observed sites forming \(L\) (default: every observed sample
             site, ``numpyro.factor`` sites included); the other sites form the prior.
 
     Raises:

@@ -1,15 +1,16 @@
-"""State-space models from numpyro distributions, as Feynman-Kac models.
+r"""State-space models from numpyro distributions, as Feynman-Kac models.
 
-A state-space model is x_0 ~ p_θ(x_0), x_t | x_{t-1} ~ p_θ(x_t | x_{t-1}), y_t | x_t ~ p_θ(y_t | x_t).
-Two Feynman-Kac views of it share the evidence Z = p_θ(y_{0:T-1}):
+A state-space model is \(x_0 \sim p_\theta(x_0)\), \(x_t \mid x_{t-1} \sim p_\theta(x_t \mid x_{t-1})\),
+\(y_t \mid x_t \sim p_\theta(y_t \mid x_t)\). Two Feynman-Kac views of it share the evidence
+\(Z = p_\theta(y_{0:T-1})\):
 
-- **bootstrap** (Gordon, Salmond & Smith 1993): M_t = transition, G_t = p(y_t | x_t);
-- **guided**: M_t = a user proposal q_t(x_t | x_{t-1}, y_t),
-  G_t = p(y_t | x_t) p(x_t | x_{t-1}) / q_t(x_t | x_{t-1}, y_t).
+- **bootstrap** (Gordon, Salmond & Smith 1993): \(M_t\) = transition, \(G_t = p(y_t \mid x_t)\);
+- **guided**: \(M_t\) = a user proposal \(q_t(x_t \mid x_{t-1}, y_t)\),
+  \(G_t = p(y_t \mid x_t)\, p(x_t \mid x_{t-1}) / q_t(x_t \mid x_{t-1}, y_t)\).
 
 The user writes single-particle functions returning numpyro distributions; they are lifted over
 the particle axis by ``vmap``. Parameters θ are a pytree of arrays passed to every function, so that
-log Ẑ can be differentiated with respect to θ and PMMH can swap them.
+\(\log \hat Z\) can be differentiated with respect to θ and PMMH can swap them.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ __all__ = ["StateSpaceModel", "BootstrapFilter", "OnlineBootstrapFilter", "Guide
 
 
 class StateSpaceModel(eqx.Module):
-    """A state-space model given by numpyro distributions.
+    r"""A state-space model given by numpyro distributions.
 
     Args:
-        initial: ``initial(params) -> Distribution`` for x_0.
-        transition: ``transition(params, t, x_prev) -> Distribution`` for x_t.
-        observation: ``observation(params, t, x) -> Distribution`` for y_t.
+        initial: ``initial(params) -> Distribution`` for \(x_0\).
+        transition: ``transition(params, t, x_prev) -> Distribution`` for \(x_t\).
+        observation: ``observation(params, t, x) -> Distribution`` for \(y_t\).
         params: pytree of arrays θ (may be ``None``).
         vectorized: ``transition`` and ``observation`` (and a guided proposal) also accept a batch
             of particles (leading axis N) in ``x`` and then return distributions of batch shape
@@ -71,15 +72,15 @@ class StateSpaceModel(eqx.Module):
         return BootstrapFilter(self, observations, horizon)
 
     def bootstrap_online(self, observation: PyTree) -> "OnlineBootstrapFilter":
-        """The bootstrap filter's model for the one observation y_t that just arrived (leaves
+        r"""The bootstrap filter's model for the one observation \(y_t\) that just arrived (leaves
         without a time axis), for online filtering with :mod:`samplers.smc_kernel`: carry the
-        kernel's state between calls and build this model with each new y_t. Every such model
+        kernel's state between calls and build this model with each new \(y_t\). Every such model
         has the same structure, so a jitted ``step`` compiles once."""
         return OnlineBootstrapFilter(self, observation)
 
     def guided(self, observations: PyTree, proposal: Callable) -> "GuidedFilter":
-        """Guided Feynman-Kac model with ``proposal(params, t, x_prev_or_None, y_t) -> Distribution``
-        (``x_prev`` is ``None`` at t = 0, where the proposal replaces the initial law)."""
+        r"""Guided Feynman-Kac model with ``proposal(params, t, x_prev_or_None, y_t) -> Distribution``
+        (``x_prev`` is ``None`` at \(t = 0\), where the proposal replaces the initial law)."""
         if not callable(proposal):
             raise TypeError("proposal must be callable: proposal(params, t, x_prev, y_t)")
         observations = _as_observations(observations)
@@ -88,7 +89,7 @@ class StateSpaceModel(eqx.Module):
         return GuidedFilter(self, observations, horizon, proposal)
 
     def simulate(self, key, num_steps: int) -> tuple[PyTree, PyTree]:
-        """Draw (x_{0:T-1}, y_{0:T-1}) from the model."""
+        r"""Draw \((x_{0:T-1}, y_{0:T-1})\) from the model."""
         checks.positive_int("num_steps", num_steps)
         k0, ky0, key = jax.random.split(key, 3)
         x0 = self.initial(self.params).sample(k0)
@@ -107,8 +108,8 @@ class StateSpaceModel(eqx.Module):
 
 
 def _as_observations(observations) -> PyTree:
-    """A plain list of numbers (or of equal-shape rows) becomes one array with the time axis
-    first; concrete float leaves with NaN or ±inf are an error (a NaN y_t would make every
+    r"""A plain list of numbers (or of equal-shape rows) becomes one array with the time axis
+    first; concrete float leaves with NaN or \(\pm\infty\) are an error (a NaN \(y_t\) would make every
     particle's potential NaN: the engine would kill them all, or weight them silently wrong)."""
     if isinstance(observations, list) and observations and all(
         isinstance(v, (int, float, np.number, np.ndarray, list)) for v in observations
@@ -145,7 +146,7 @@ def _horizon(observations) -> int:
 
 
 def _check_observation_shapes(ssm: StateSpaceModel, observations) -> None:
-    """Each y_t must have the shape of a draw of the observation law (checked abstractly, no
+    r"""Each \(y_t\) must have the shape of a draw of the observation law (checked abstractly, no
     compute): a mismatch would otherwise broadcast inside ``log_prob`` and be summed silently."""
 
     def draw():
@@ -205,9 +206,9 @@ class BootstrapFilter(AbstractFeynmanKac):
 
 
 class OnlineBootstrapFilter(BootstrapFilter):
-    """Bootstrap filter whose ``observations`` is the current y_t alone (no time axis): each
+    r"""Bootstrap filter whose ``observations`` is the current \(y_t\) alone (no time axis): each
     kernel step is given the model of the observation that just arrived
-    (:meth:`StateSpaceModel.bootstrap_online`). The step index t still reaches the transition."""
+    (:meth:`StateSpaceModel.bootstrap_online`). The step index \(t\) still reaches the transition."""
 
     num_steps: None = eqx.field(static=True, default=None)
 
@@ -224,7 +225,8 @@ class OnlineBootstrapFilter(BootstrapFilter):
 
 
 class GuidedFilter(BootstrapFilter):
-    """Guided filter with proposal q_t; G_t = p(y_t|x_t) p(x_t|x_{t-1}) / q_t(x_t|x_{t-1}, y_t)."""
+    r"""Guided filter with proposal \(q_t\);
+    \(G_t = p(y_t \mid x_t)\, p(x_t \mid x_{t-1}) / q_t(x_t \mid x_{t-1}, y_t)\)."""
 
     proposal: Callable = eqx.field(static=True, converter=static_function)
 
