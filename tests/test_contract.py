@@ -42,6 +42,7 @@ from samplers.search import beam_search, best_of_n, dvts, self_consistency, weig
 from samplers.smc import smc
 from samplers.smoothing import ffbs, mcmc_backward_sampling, sample_genealogy
 from samplers.tempering import AdaptiveTempering, tempered_smc
+from samplers.waste_free import WasteFreeTempering
 
 N = 8  # particles
 T = 5  # steps of the state-space models
@@ -245,6 +246,18 @@ def _tempering() -> Entry:
     return Entry(run, _one_particle(AdaptiveTempering(target)), (N,))
 
 
+def _waste_free() -> Entry:
+    target = from_numpyro(_numpyro_normal, jnp.linspace(-0.5, 0.5, 5))
+    model = WasteFreeTempering(AdaptiveTempering(target, kernel="rwm"), 2)
+
+    def run(key):
+        res = smc(key, model, N, ess_threshold=1.0, max_steps=8)
+        p = res.particles
+        return Outputs(p, finite=(res.log_evidence, res.log_weights, p.z, p.log_likelihood))
+
+    return Entry(run, _one_particle(model.base), (N,))  # the base model's particles
+
+
 def _search(method: Callable, *args, lead: int, scored: bool = True) -> Entry:
     model = toy_reasoning_model()
 
@@ -292,6 +305,7 @@ REGISTRY: dict[str, Callable[[], Entry]] = {
     "smoothing-ffbs": lambda: _smoothing("ffbs"),
     "smoothing-mcmc": lambda: _smoothing("mcmc"),
     "tempering": _tempering,
+    "waste-free": _waste_free,
     "best-of-n": lambda: _search(best_of_n, N, lead=N),
     "weighted-best-of-n": lambda: _search(weighted_best_of_n, N, lead=N),
     "self-consistency": lambda: _search(self_consistency, N, lead=N, scored=False),
@@ -377,7 +391,7 @@ def test_contract(name):
 
 def test_registry_covers_every_sampler():
     """A sampler module added without a registry entry fails here (update the list with it)."""
-    covered = {"smc", "smc_kernel", "particle_gibbs", "pmmh", "smoothing", "tempering",
+    covered = {"smc", "smc_kernel", "particle_gibbs", "pmmh", "smoothing", "tempering", "waste_free",
                "parallel_tempering", "best_of_n", "weighted_best_of_n", "self_consistency",
                "beam_search", "dvts"}
     assert len(REGISTRY) >= len(covered)
