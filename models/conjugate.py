@@ -1,12 +1,19 @@
-"""A static conjugate Bayesian model with exact evidence and posterior: the Gaussian mean.
+r"""A static conjugate Bayesian model with exact evidence and posterior: the Gaussian mean.
 
-    μ ~ N(m_0, S_0) on R^d,    y_i | μ ~ N(μ, Σ) i.i.d., i = 1..n,  Σ known.
+\[
+\mu \sim \mathcal{N}(m_0, S_0) \text{ on } \mathbb{R}^d, \qquad
+y_i \mid \mu \sim \mathcal{N}(\mu, \Sigma) \text{ i.i.d.}, \quad i = 1..n, \quad \Sigma \text{ known}.
+\]
 
 Posterior (Bishop 2006, §2.3.3; Murphy 2007, "Conjugate Bayesian analysis of the Gaussian
-distribution"): S_n^{-1} = S_0^{-1} + n Σ^{-1}, m_n = S_n (S_0^{-1} m_0 + Σ^{-1} Σ_i y_i).
-Evidence, from Bayes' rule at any μ (we take μ = m_n):
+distribution"): \(S_n^{-1} = S_0^{-1} + n \Sigma^{-1}\),
+\(m_n = S_n (S_0^{-1} m_0 + \Sigma^{-1} \sum_i y_i)\). Evidence, from Bayes' rule at any \(\mu\) (we
+take \(\mu = m_n\)):
 
-    log p(y) = Σ_i log N(y_i; m_n, Σ) + log N(m_n; m_0, S_0) − log N(m_n; m_n, S_n).
+\[
+\log p(y) = \sum_i \log \mathcal{N}(y_i; m_n, \Sigma) + \log \mathcal{N}(m_n; m_0, S_0) -
+\log \mathcal{N}(m_n; m_n, S_n).
+\]
 
 These are the exact references for tempered SMC on a numpyro model.
 """
@@ -39,7 +46,8 @@ def gaussian_mean_model(
 
 
 class ConjugateGaussianMean(eqx.Module):
-    """Gaussian prior N(m_0, S_0) on a d-dimensional mean, Gaussian likelihood N(μ, Σ)."""
+    r"""Gaussian prior \(\mathcal{N}(m_0, S_0)\) on a \(d\)-dimensional mean, Gaussian likelihood
+    \(\mathcal{N}(\mu, \Sigma)\)."""
 
     prior_mean: Float[Array, " d"]
     prior_cov: Float[Array, "d d"]
@@ -73,7 +81,7 @@ class ConjugateGaussianMean(eqx.Module):
     def simulate(
         self, key: PRNGKeyArray, num_obs: int
     ) -> tuple[Float[Array, " d"], Float[Array, "n d"]]:
-        """Draw (μ, y_{1:n}) from the model."""
+        r"""Draw \((\mu, y_{1:n})\) from the model."""
         if not isinstance(num_obs, int) or num_obs < 1:
             raise ValueError(f"num_obs must be an int >= 1, got {num_obs!r}")
         k_mu, k_y = jax.random.split(key)
@@ -82,7 +90,7 @@ class ConjugateGaussianMean(eqx.Module):
         return mu, y
 
     def posterior(self, y: Float[Array, "n d"]) -> tuple[Float[Array, " d"], Float[Array, "d d"]]:
-        """Exact posterior mean m_n and covariance S_n of μ given y."""
+        r"""Exact posterior mean \(m_n\) and covariance \(S_n\) of \(\mu\) given \(y\)."""
         y = self._check_y(y)
         p0 = jnp.linalg.inv(self.prior_cov)
         pn = jnp.linalg.inv(self.noise_cov)
@@ -92,7 +100,7 @@ class ConjugateGaussianMean(eqx.Module):
         return mean, cov
 
     def log_evidence(self, y: Float[Array, "n d"]) -> Float[Array, ""]:
-        """Exact log p(y_{1:n}) (Bayes' rule evaluated at the posterior mean)."""
+        r"""Exact \(\log p(y_{1:n})\) (Bayes' rule evaluated at the posterior mean)."""
         y = self._check_y(y)
         m, s = self.posterior(y)
         lik = dist.MultivariateNormal(m, covariance_matrix=self.noise_cov).log_prob(y).sum()

@@ -1,8 +1,11 @@
-"""Linear-Gaussian state-space model and its exact Kalman filter and RTS smoother.
+r"""Linear-Gaussian state-space model and its exact Kalman filter and RTS smoother.
 
-x_0 ~ N(m0, P0), x_t = A x_{t-1} + N(0, Q), y_t = H x_t + N(0, R).
+\[
+x_0 \sim \mathcal{N}(m_0, P_0), \qquad x_t = A x_{t-1} + \mathcal{N}(0, Q), \qquad
+y_t = H x_t + \mathcal{N}(0, R).
+\]
 
-The Kalman filter gives the exact log-likelihood log p(y_{0:T-1}) and the filtering moments; the
+The Kalman filter gives the exact log-likelihood \(\log p(y_{0:T-1})\) and the filtering moments; the
 Rauch-Tung-Striebel smoother the smoothing moments (Särkkä 2013, *Bayesian Filtering and
 Smoothing*, ch. 4 and 8). These are the exact references for every particle method on this model.
 """
@@ -34,7 +37,8 @@ class LGSSMParams(NamedTuple):
 
     @classmethod
     def scalar(cls, rho=0.9, sigma_x=1.0, sigma_y=0.5, sigma_0=None) -> "LGSSMParams":
-        """Univariate AR(1) plus noise: x_t = ρ x_{t-1} + σ_x ε, y_t = x_t + σ_y η."""
+        r"""Univariate AR(1) plus noise: \(x_t = \rho x_{t-1} + \sigma_x \varepsilon\),
+        \(y_t = x_t + \sigma_y \eta\)."""
         rho = jnp.asarray(rho, jnp.float32)
         sx = jnp.asarray(sigma_x, jnp.float32)
         s0 = sx / jnp.sqrt(1 - rho**2) if sigma_0 is None else jnp.asarray(sigma_0, jnp.float32)
@@ -77,7 +81,7 @@ class KalmanResult(NamedTuple):
 
 @eqx.filter_jit
 def kalman_filter(params: LGSSMParams, ys: Float[Array, "T k"]) -> KalmanResult:
-    """Exact filtering p(x_t | y_{0:t}) and log p(y_{0:T-1})."""
+    r"""Exact filtering \(p(x_t \mid y_{0:t})\) and \(\log p(y_{0:T-1})\)."""
     ys = jnp.asarray(ys)
     if ys.ndim != 2 or ys.shape[1] != params.H.shape[0]:
         raise ValueError(
@@ -114,7 +118,7 @@ def kalman_filter(params: LGSSMParams, ys: Float[Array, "T k"]) -> KalmanResult:
 
 @eqx.filter_jit
 def rts_smoother(params: LGSSMParams, ys: Float[Array, "T k"]) -> tuple[Array, Array]:
-    """Exact smoothing means and covariances of p(x_t | y_{0:T-1}) (Rauch-Tung-Striebel)."""
+    r"""Exact smoothing means and covariances of \(p(x_t \mid y_{0:T-1})\) (Rauch-Tung-Striebel)."""
     kf = kalman_filter(params, ys)
 
     def step(carry, inp):

@@ -1,28 +1,38 @@
-"""A Markov-chain "language model" on a tiny vocabulary: the exact test bed of LLM particle methods.
+r"""A Markov-chain "language model" on a tiny vocabulary: the exact test bed of LLM particle methods.
 
 Tokens follow a first-order chain started from the last prompt token,
-P(w_j = v | w_{j-1} = u) = P[u, v]. Generation proceeds in *reasoning steps*: a step appends
+\(P(w_j = v \mid w_{j-1} = u) = P[u, v]\). Generation proceeds in *reasoning steps*: a step appends
 tokens until it emits the delimiter or EOS, or has appended ``max_step_tokens`` tokens; a sequence
 ends at EOS or when its buffer of ``max_length`` tokens (prompt included) is full.
 
-A :class:`MarkovTestBed` specifies one constrained-generation problem: the chain P, a
-:class:`TokenConstraint` Φ(w) = Σ_j φ(w_{j-1}, w_j) + ψ(answer(w)) (per-token rewards or
-penalties, φ[:, k] = λ; hard constraints, φ[k, k] = −inf "no k twice in a row"; ψ a reward on the
-answer, the last non-EOS token), the prompt, the buffer and step sizes, and optionally a proposal
-chain Q that draws the steps. Its target over complete sequences is
+A :class:`MarkovTestBed` specifies one constrained-generation problem: the chain \(P\), a
+:class:`TokenConstraint` \(\Phi(w) = \sum_j \varphi(w_{j-1}, w_j) + \psi(\mathrm{answer}(w))\)
+(per-token rewards or penalties, \(\varphi[:, k] = \lambda\); hard constraints,
+\(\varphi[k, k] = -\infty\) "no \(k\) twice in a row"; \(\psi\) a reward on the answer, the last
+non-EOS token), the prompt, the buffer and step sizes, and optionally a proposal chain \(Q\) that
+draws the steps. Its target over complete sequences is
 
-    π(w) ∝ P(w | prompt) exp Φ(w),   Z = E_P[exp Φ],
+\[
+\pi(w) \propto P(w \mid \mathrm{prompt}) \exp \Phi(w), \qquad Z = \mathbb{E}_P[\exp \Phi],
+\]
 
 known exactly by enumeration or a forward recursion (:mod:`models.markov_lm_exact`), whatever the
 proposal and however the sequence is cut into steps.
 
 The test bed is a *specification*, not a Feynman-Kac model: its Feynman-Kac model is the one LLM
 model, :class:`~models.llm_fk.ssm.LLMFeynmanKac`, built by
-:func:`models.llm_fk.markov.from_markov_model` (the chain through
-:class:`~models.llm_fk.step_lm.MarkovStepLM`, Φ as a per-step
+:func:`models.llm_fk.markov.from_markov_model`, with the chain through
+:class:`~models.llm_fk.step_lm.MarkovStepLM` and \(\Phi\) as a per-step
 :class:`~models.llm_fk.rewards.TokenPairReward` with product aggregation and twisted weights, so
-that log G_t = Σ_{j new at step t} [φ + log P − log Q] + 1[finished at t] ψ). The same model runs
-the transformer; this module only holds the chain, the constraint and the sequence helpers.
+that
+
+\[
+\log G_t = \sum_{j \text{ new at step } t} [\varphi + \log P - \log Q] +
+\mathbf{1}[\text{finished at } t]\, \psi.
+\]
+
+The same model runs the transformer; this module only holds the chain, the constraint and the
+sequence helpers.
 
 References: Lew, Zhi-Xuan, Grand & Mansinghka (2023), "Sequential Monte Carlo steering of large
 language models using probabilistic programs"; Zhao, Brekelmans, Makhzani & Grosse (2024),
@@ -53,7 +63,7 @@ __all__ = [
 ]
 
 PAD = -1
-"""Token id of unused buffer slots (positions ≥ ``length``)."""
+r"""Token id of unused buffer slots (positions \(\ge\) ``length``)."""
 
 S = TypeVar("S")
 
@@ -66,7 +76,7 @@ def _concrete(x) -> np.ndarray | None:
 
 
 class MarkovLM(eqx.Module):
-    """First-order Markov chain over V tokens: ``log_probs[u, v] = log P(next = v | previous = u)``.
+    r"""First-order Markov chain over \(V\) tokens: ``log_probs[u, v] = log P(next = v | previous = u)``.
 
     Every row must be a distribution (the EOS row is only used by code that generates past EOS).
     Build it with :func:`markov_lm`, which validates probabilities.
@@ -128,10 +138,11 @@ def markov_lm(
 
 
 class TokenConstraint(eqx.Module):
-    """Sequence potential exp Φ(w), Φ(w) = Σ_j φ(w_{j-1}, w_j) + ψ(answer(w)).
+    r"""Sequence potential \(\exp \Phi(w)\),
+    \(\Phi(w) = \sum_j \varphi(w_{j-1}, w_j) + \psi(\mathrm{answer}(w))\).
 
-    ``log_pair[u, v] = φ(u, v)`` is charged for every generated token v following u (−inf forbids
-    the pair); ``log_final[a] = ψ(a)`` once, when the sequence finishes, with ``a`` its
+    ``log_pair[u, v] = φ(u, v)`` is charged for every generated token \(v\) following \(u\)
+    (\(-\infty\) forbids the pair); ``log_final[a] = ψ(a)`` once, when the sequence finishes, with ``a`` its
     :func:`last_token_answer`. Build it with :func:`token_constraint`.
     """
 
@@ -154,16 +165,16 @@ def token_constraint(
     answer_log_reward: Float[ArrayLike, " V"] | None = None,
     pair_log_potential: Float[ArrayLike, "V V"] | None = None,
 ) -> TokenConstraint:
-    """Build a :class:`TokenConstraint`.
+    r"""Build a :class:`TokenConstraint`.
 
     Args:
-        vocab_size: V.
-        token_log_reward: λ [V]: every generated token k multiplies the weight by exp(λ_k)
-            (so the sequence gets exp(Σ_k λ_k · count_k)).
-        forbid_repeat: tokens k that may not appear twice in a row (φ[k, k] = −inf; also forbids
-            a first generated k after a prompt ending in k).
-        answer_log_reward: ψ [V], added once for the final answer (last non-EOS token).
-        pair_log_potential: an extra φ [V, V] added to the above.
+        vocab_size: \(V\).
+        token_log_reward: \(\lambda\) [V]: every generated token \(k\) multiplies the weight by
+            \(\exp(\lambda_k)\) (so the sequence gets \(\exp(\sum_k \lambda_k\, \mathrm{count}_k)\)).
+        forbid_repeat: tokens \(k\) that may not appear twice in a row (\(\varphi[k, k] = -\infty\);
+            also forbids a first generated \(k\) after a prompt ending in \(k\)).
+        answer_log_reward: \(\psi\) [V], added once for the final answer (last non-EOS token).
+        pair_log_potential: an extra \(\varphi\) [V, V] added to the above.
     """
     v = int(vocab_size)
     if v < 2:
@@ -200,9 +211,10 @@ def token_constraint(
 
 
 class MarkovTestBed(eqx.Module):
-    """Constrained generation from a :class:`MarkovLM`: target π(w) ∝ P(w | prompt) exp Φ(w).
+    r"""Constrained generation from a :class:`MarkovLM`: target
+    \(\pi(w) \propto P(w \mid \mathrm{prompt}) \exp \Phi(w)\).
 
-    Steps are drawn from ``proposal`` Q when given (importance-corrected by P/Q), else from ``lm``;
+    Steps are drawn from ``proposal`` \(Q\) when given (importance-corrected by \(P/Q\)), else from ``lm``;
     a step ends at the delimiter or EOS or after ``max_step_tokens`` tokens; a sequence at EOS or
     when its ``max_length`` buffer (prompt included) is full. Not a Feynman-Kac model: build that
     with :func:`models.llm_fk.markov.from_markov_model`; the exact answers come from
@@ -345,10 +357,11 @@ def generate_step(
 
 
 def toy_test_bed(*, proposal: bool = False, max_step_tokens: int = 3) -> MarkovTestBed:
-    """The standard exact test bed: V = 5 tokens ``a b c . <eos>``, prompt ``.``, at most 6
+    r"""The standard exact test bed: \(V = 5\) tokens ``a b c . <eos>``, prompt ``.``, at most 6
     generated tokens in steps of at most ``max_step_tokens`` (3) tokens ended by ``.``; the
-    constraint rewards each ``a`` by e^0.5, forbids ``b b`` and rewards the answers ``c`` (e^1.5)
-    and ``b`` (e^-1). There are 5461 complete sequences. ``proposal=True`` draws steps from a
+    constraint rewards each ``a`` by \(e^{0.5}\), forbids ``b b`` and rewards the answers ``c``
+    (\(e^{1.5}\)) and ``b`` (\(e^{-1}\)). There are 5461 complete sequences. ``proposal=True`` draws steps
+    from a
     flatter chain (importance-corrected). Its Feynman-Kac model:
     :func:`models.llm_fk.markov.toy_reasoning_model`.
     """

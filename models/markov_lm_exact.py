@@ -1,18 +1,25 @@
-"""Exact answers for a :class:`~models.markov_lm.MarkovTestBed`: enumeration of all complete
+r"""Exact answers for a :class:`~models.markov_lm.MarkovTestBed`: enumeration of all complete
 sequences and a forward recursion, in float64 NumPy, independent of the JAX sampling code (the
 test bed's Feynman-Kac model, :func:`models.llm_fk.markov.from_markov_model`).
 
-The target over complete sequences w (generated after the prompt) is
+The target over complete sequences \(w\) (generated after the prompt) is
 
-    π(w) = P(w | prompt) exp Φ(w) / Z,   Z = Σ_w P(w | prompt) exp Φ(w),
-    Φ(w) = Σ_j φ(w_{j-1}, w_j) + ψ(answer(w)),
+\[
+\begin{gathered}
+\pi(w) = P(w \mid \mathrm{prompt}) \exp \Phi(w) / Z, \qquad
+Z = \sum_w P(w \mid \mathrm{prompt}) \exp \Phi(w), \\
+\Phi(w) = \sum_j \varphi(w_{j-1}, w_j) + \psi(\mathrm{answer}(w)),
+\end{gathered}
+\]
 
-where a complete sequence ends with EOS or fills the buffer. With G generated positions and
-V − 1 non-EOS tokens there are Σ_{k<G} (V−1)^k + (V−1)^G of them (5461 for the toy model).
+where a complete sequence ends with EOS or fills the buffer. With \(G\) generated positions and
+\(V - 1\) non-EOS tokens there are \(\sum_{k<G} (V-1)^k + (V-1)^G\) of them (5461 for the toy
+model).
 
-The forward recursion carries α_k(v) = Σ over non-finished prefixes of k generated tokens ending in
-v of P · exp Σφ — the standard forward algorithm for a Markov chain — and collects the mass that
-finishes at each k by answer, giving Z and the posterior of the last-token answer in O(G V²).
+The forward recursion carries \(\alpha_k(v)\) = the sum over non-finished prefixes of \(k\)
+generated tokens ending in \(v\) of \(P \cdot \exp \sum \varphi\) — the standard forward algorithm
+for a Markov chain — and collects the mass that finishes at each \(k\) by answer, giving \(Z\) and
+the posterior of the last-token answer in \(O(G V^2)\).
 
 Sampled sequences (the particles of the Feynman-Kac model, :class:`~models.llm_fk.ssm.LLMParticle`,
 whose token buffers ``particles.lm.tokens`` have the same layout: prompt, tokens, ``PAD``) are
@@ -56,14 +63,14 @@ class Sequences(NamedTuple):
 
 
 class ExactPosterior(NamedTuple):
-    """Every complete sequence with its prior, potential and posterior probability (float64).
+    r"""Every complete sequence with its prior, potential and posterior probability (float64).
 
     Attributes:
         states: the :class:`Sequences` (S rows).
-        log_prior: log P(w | prompt), sums (in probability) to 1.
-        log_potential: Φ(w).
-        log_evidence: log Z.
-        probs: π(w).
+        log_prior: \(\log P(w \mid \mathrm{prompt})\), sums (in probability) to 1.
+        log_potential: \(\Phi(w)\).
+        log_evidence: \(\log Z\).
+        probs: \(\pi(w)\).
     """
 
     states: Sequences
@@ -158,7 +165,7 @@ def exact_answer_posterior(
     answer_fn: Callable[[Sequences], Int[Array, " S"]],
     num_answers: int,
 ) -> Float[np.ndarray, " K"]:
-    """π(answer = k), k < ``num_answers``, for an integer answer function of the
+    r"""\(\pi(\mathrm{answer} = k)\), \(k <\) ``num_answers``, for an integer answer function of the
     :class:`Sequences` (e.g. ``lambda s: token_count(s.tokens, s.lengths, 0, P)``)."""
     answers = np.asarray(answer_fn(exact.states)).astype(np.int64)
     if answers.shape != exact.probs.shape:
@@ -170,7 +177,7 @@ def exact_answer_posterior(
 
 
 def forward_answer_posterior(model: MarkovTestBed) -> tuple[float, Float[np.ndarray, " V"]]:
-    """Forward recursion: (log Z, posterior of the last-token answer [V]), without enumeration."""
+    r"""Forward recursion: (\(\log Z\), posterior of the last-token answer [V]), without enumeration."""
     log_p, phi, psi, prompt = _parameters(model)
     eos = model.lm.eos_id
     g = model.max_length - model.prompt_length

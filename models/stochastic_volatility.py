@@ -1,6 +1,10 @@
-"""Stochastic volatility model (Kim, Shephard & Chib 1998), the standard particle-filter benchmark.
+r"""Stochastic volatility model (Kim, Shephard & Chib 1998), the standard particle-filter benchmark.
 
-x_0 ~ N(μ, σ² / (1 − ρ²)), x_t = μ + ρ (x_{t-1} − μ) + σ ε_t, y_t | x_t ~ N(0, exp(x_t)).
+\[
+x_0 \sim \mathcal{N}\big(\mu, \sigma^2 / (1 - \rho^2)\big), \qquad
+x_t = \mu + \rho (x_{t-1} - \mu) + \sigma \varepsilon_t, \qquad
+y_t \mid x_t \sim \mathcal{N}(0, \exp(x_t)).
+\]
 
 No closed-form likelihood: used for benchmarks and the PMMH tutorial.
 """
@@ -23,7 +27,7 @@ __all__ = ["SVParams", "stochastic_volatility", "LogVarianceNormal"]
 
 
 class SVParams(NamedTuple):
-    """θ = (μ, ρ, σ): mean log-volatility, persistence, volatility of volatility."""
+    r"""\(\theta = (\mu, \rho, \sigma)\): mean log-volatility, persistence, volatility of volatility."""
 
     mu: Float[Array, ""]
     rho: Float[Array, ""]
@@ -38,10 +42,12 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class LogVarianceNormal(dist.Distribution):
-    """N(0, e^v) parametrised by its log-variance v, the observation law of stochastic volatility.
+    r"""\(\mathcal{N}(0, e^v)\) parametrised by its log-variance \(v\), the observation law of stochastic
+    volatility.
 
-    log p(y) = −½ (log 2π + v + y² e^{−v}): one ``exp`` per particle. ``Normal(0, exp(v / 2))``
-    gives the same values but evaluates ``exp``, a division and ``log(√(2π) · scale)``, which XLA
+    \(\log p(y) = -\frac12 (\log 2\pi + v + y^2 e^{-v})\): one ``exp`` per particle.
+    ``Normal(0, exp(v / 2))`` gives the same values but evaluates ``exp``, a division and
+    ``log(√(2π) · scale)``, which XLA
     does not simplify; in a particle filter that is a third of a step's time on CPU.
     """
 

@@ -1,33 +1,43 @@
-"""Reward-tilted reverse diffusion as a Feynman-Kac model.
+r"""Reward-tilted reverse diffusion as a Feynman-Kac model.
 
-Particles move down a grid of noise levels s_0 = 1 > s_1 > ... > s_K = ε by the reverse-SDE
-Euler–Maruyama kernel M_t(x_{t-1}, ·) of :class:`~models.diffusion.vp_sde.VPSDE` driven by the score
-of the *untilted* model; the potentials steer them towards the tilted target p_ε(x) exp(λ r(x)):
+Particles move down a grid of noise levels \(s_0 = 1 > s_1 > \dots > s_K = \varepsilon\) by the
+reverse-SDE Euler–Maruyama kernel \(M_t(x_{t-1}, \cdot)\) of :class:`~models.diffusion.vp_sde.VPSDE`
+driven by the score of the *untilted* model; the potentials steer them towards the tilted target
+\(p_\varepsilon(x) \exp(\lambda r(x))\):
 
-    log G_0 = λ ρ_0(x_0),    log G_t = λ (ρ_t(x_t) − ρ_{t−1}(x_{t−1}))   (t = 1, ..., K),
+\[
+\log G_0 = \lambda \rho_0(x_0), \qquad
+\log G_t = \lambda\big(\rho_t(x_t) - \rho_{t-1}(x_{t-1})\big) \quad (t = 1, \dots, K),
+\]
 
-where ρ_t is the reward at a "look-ahead" point, chosen by ``potential``:
+where \(\rho_t\) is the reward at a "look-ahead" point, chosen by ``potential``:
 
-- ``"tweedie"`` (default): ρ_t = r(x̂_t) with the denoised x̂_t = E[x_0 | x_t] = (x_t + σ² score)/α
-  (a twisted / look-ahead reward, cf. Wu et al. 2023 "TDS", Skreta et al. 2025 "Feynman-Kac
-  correctors"), except ρ_K = r(x_K);
-- ``"state"``: ρ_t = r(x_t) (intermediate tilt at the noisy state);
-- ``"final"``: ρ_t = 0 for t < K and ρ_K = r(x_K) (plain importance sampling at the end).
+- ``"tweedie"`` (default): \(\rho_t = r(\hat x_t)\) with the denoised
+  \(\hat x_t = \mathbb{E}[x_0 \mid x_t] = (x_t + \sigma^2\, \mathrm{score}) / \alpha\) (a twisted /
+  look-ahead reward, cf. Wu et al. 2023 "TDS", Skreta et al. 2025 "Feynman-Kac correctors"), except
+  \(\rho_K = r(x_K)\);
+- ``"state"``: \(\rho_t = r(x_t)\) (intermediate tilt at the noisy state);
+- ``"final"``: \(\rho_t = 0\) for \(t < K\) and \(\rho_K = r(x_K)\) (plain importance sampling at
+  the end).
 
-**Exact target.** In all three cases ∏_t G_t = exp(λ r(x_K)) telescopes *pathwise*, so for any grid
-the FK model's final law is exactly
+**Exact target.** In all three cases \(\prod_t G_t = \exp(\lambda r(x_K))\) telescopes *pathwise*,
+so for any grid the FK model's final law is exactly
 
-    π_K(x) = q_K(x) exp(λ r(x)) / Z,    Z = E_{q_K}[exp(λ r(x_K))],
+\[
+\pi_K(x) = q_K(x) \exp(\lambda r(x)) / Z, \qquad Z = \mathbb{E}_{q_K}[\exp(\lambda r(x_K))],
+\]
 
-where q_K is the law of x_K under the *discretised* untilted chain (start law, then K Euler–Maruyama
-steps with the given score). SMC estimates π_K and Z without bias in Z (Del Moral 2004); the choice
-of ρ only changes the variance. Because Euler–Maruyama is biased, q_K ≠ p_ε; only as the grid is
-refined (and with the exact score and start p_1) does π_K → p_ε(x) exp(λ r(x)) / Z_ε, which for a
-Gaussian-mixture p and linear r is the exact mixture of :func:`exact_tilted_target`. The untilted
-chain itself is available as :meth:`RewardTiltedDiffusion.sample_untilted`, so π_K can be checked by
-importance-reweighting its samples by exp(λ r), which shares the discretisation. The bias is O(1/K)
-on the default uniform grid: for the 2-d, 3-component test mixture with λ = 1.5, log Z_K − log Z_ε
-was measured as 0.045, 0.023, 0.014, 0.009 for K = 50, 100, 200, 400 (and ≈ 0.24 for K = 10).
+where \(q_K\) is the law of \(x_K\) under the *discretised* untilted chain (start law, then \(K\)
+Euler–Maruyama steps with the given score). SMC estimates \(\pi_K\) and \(Z\) without bias in \(Z\)
+(Del Moral 2004); the choice of \(\rho\) only changes the variance. Because Euler–Maruyama is
+biased, \(q_K \ne p_\varepsilon\); only as the grid is refined (and with the exact score and start
+\(p_1\)) does \(\pi_K \to p_\varepsilon(x) \exp(\lambda r(x)) / Z_\varepsilon\), which for a
+Gaussian-mixture \(p\) and linear \(r\) is the exact mixture of :func:`exact_tilted_target`. The
+untilted chain itself is available as :meth:`RewardTiltedDiffusion.sample_untilted`, so \(\pi_K\)
+can be checked by importance-reweighting its samples by \(\exp(\lambda r)\), which shares the
+discretisation. The bias is \(O(1/K)\) on the default uniform grid: for the 2-d, 3-component test
+mixture with \(\lambda = 1.5\), \(\log Z_K - \log Z_\varepsilon\) was measured as 0.045, 0.023,
+0.014, 0.009 for \(K\) = 50, 100, 200, 400 (and \(\approx 0.24\) for \(K = 10\)).
 """
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ POTENTIALS = ("tweedie", "state", "final")
 
 
 class LinearReward(eqx.Module):
-    """r(x) = aᵀx (batched over leading axes)."""
+    r"""\(r(x) = a^\top x\) (batched over leading axes)."""
 
     direction: Float[Array, " d"]
 
@@ -67,7 +77,8 @@ class LinearReward(eqx.Module):
 
 
 class DiffusionParticles(NamedTuple):
-    """Particle state at step t: position, cached score at (x, s_t), and ρ_t (see module doc)."""
+    r"""Particle state at step \(t\): position, cached score at \((x, s_t)\), and \(\rho_t\) (see module
+    doc)."""
 
     x: Float[Array, "N d"]
     score: Float[Array, "N d"]
@@ -75,15 +86,16 @@ class DiffusionParticles(NamedTuple):
 
 
 class RewardTiltedDiffusion(AbstractFeynmanKac):
-    """Reverse VP diffusion tilted by exp(λ r(x)) at the end; ``num_steps = K + 1`` (t = 0 is s_0).
+    r"""Reverse VP diffusion tilted by \(\exp(\lambda r(x))\) at the end; ``num_steps = K + 1`` (\(t = 0\) is
+    \(s_0\)).
 
     Fields: ``sde``; ``score_fn(x [..., d], s)`` (a pytree callable, e.g. a
     :class:`~models.diffusion.gaussian_mixture.DiffusedMixture` or a network);
     ``reward(x [..., d])`` (a pytree callable, e.g. :class:`LinearReward`); ``lam``;
     ``times`` (decreasing, [K+1]); ``init_dist`` (anything with ``sample(key, n)``, e.g. the exact
-    marginal p_1; ``None`` draws N(0, I)); static ``dim`` and ``potential`` (one of
-    :data:`POTENTIALS`). One score evaluation per particle per step: the score at the new state is cached in the
-    particle and reused by the next move and by the Tweedie look-ahead.
+    marginal \(p_1\); ``None`` draws \(\mathcal{N}(0, I)\)); static ``dim`` and ``potential`` (one of
+    :data:`POTENTIALS`). One score evaluation per particle per step: the score at the new state is cached in
+    the particle and reused by the next move and by the Tweedie look-ahead.
     """
 
     sde: VPSDE
@@ -136,7 +148,7 @@ class RewardTiltedDiffusion(AbstractFeynmanKac):
 
     # ---- helpers ------------------------------------------------------------------------------
     def _rho(self, t, x, score):
-        """Look-ahead reward ρ_t at step t (ρ_K = r(x_K) in every variant)."""
+        r"""Look-ahead reward \(\rho_t\) at step \(t\) (\(\rho_K = r(x_K)\) in every variant)."""
         last = t == self.num_steps - 1
         if self.potential == "tweedie":
             x_hat = self.sde.denoise(x, score, self.times[t])
@@ -182,7 +194,7 @@ class RewardTiltedDiffusion(AbstractFeynmanKac):
 
     # ---- the untilted discretised sampler (for references) ------------------------------------
     def sample_untilted(self, key: PRNGKeyArray, num_samples: int) -> Float[Array, "n d"]:
-        """x_K ~ q_K: the same start law and Euler–Maruyama chain, without potentials.
+        r"""\(x_K \sim q_K\): the same start law and Euler–Maruyama chain, without potentials.
 
         Runs :meth:`VPSDE.sample_reverse` (score evaluated afresh at every step), a code path
         separate from :meth:`move`'s cached score, so references built from it check ``move``.
@@ -206,11 +218,12 @@ def tilted_gmm_diffusion(
     potential: str = "tweedie",
     exact_init: bool = True,
 ) -> RewardTiltedDiffusion:
-    """Reward-tilted diffusion for Gaussian-mixture data with the exact score and r(x) = aᵀx.
+    r"""Reward-tilted diffusion for Gaussian-mixture data with the exact score and \(r(x) = a^\top x\).
 
-    ``exact_init=True`` starts from the exact noised marginal p_1 (a mixture), so the only error
+    ``exact_init=True`` starts from the exact noised marginal \(p_1\) (a mixture), so the only error
     relative to :func:`exact_tilted_target` is the Euler–Maruyama discretisation; ``False`` starts
-    from N(0, I) as a learned model would (α_1 ≈ 0.0066 for the default schedule).
+    from \(\mathcal{N}(0, I)\) as a learned model would (\(\alpha_1 \approx 0.0066\) for the default
+    schedule).
     """
     sde = VPSDE() if sde is None else sde
     direction = jnp.asarray(direction, jnp.result_type(float))
@@ -241,12 +254,14 @@ def _gmm_parts(model: RewardTiltedDiffusion):
 
 
 def exact_tilted_target(model: RewardTiltedDiffusion) -> GaussianMixture:
-    """The fine-discretisation limit of the FK target: p_ε(x) exp(λ aᵀx) / Z_ε (a mixture)."""
+    r"""The fine-discretisation limit of the FK target:
+    \(p_\varepsilon(x) \exp(\lambda a^\top x) / Z_\varepsilon\) (a mixture)."""
     p_eps, a = _gmm_parts(model)
     return tilt(p_eps, a, model.lam)
 
 
 def exact_log_normaliser(model: RewardTiltedDiffusion) -> Float[Array, ""]:
-    """log Z_ε = log E_{p_ε}[exp(λ aᵀx)], the limit of the FK model's log Z."""
+    r"""\(\log Z_\varepsilon = \log \mathbb{E}_{p_\varepsilon}[\exp(\lambda a^\top x)]\), the limit of the FK
+    model's \(\log Z\)."""
     p_eps, a = _gmm_parts(model)
     return tilt_log_normaliser(p_eps, a, model.lam)

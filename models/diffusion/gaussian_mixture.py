@@ -1,14 +1,19 @@
-"""Gaussian mixtures in d dimensions and their exact noised marginals under a VP diffusion.
+r"""Gaussian mixtures in d dimensions and their exact noised marginals under a VP diffusion.
 
-p(x) = Σ_k w_k N(x; μ_k, Σ_k). Under the forward VP SDE the state at noise level s is
-x_s = α_s x_0 + σ_s ε with ε ~ N(0, I), so the marginal is again a mixture,
+\(p(x) = \sum_k w_k\, \mathcal{N}(x; \mu_k, \Sigma_k)\). Under the forward VP SDE the state at noise
+level \(s\) is \(x_s = \alpha_s x_0 + \sigma_s \varepsilon\) with \(\varepsilon \sim \mathcal{N}(0, I)\),
+so the marginal is again a mixture,
 
-    p_s(x) = Σ_k w_k N(x; α_s μ_k, α_s² Σ_k + σ_s² I),
+\[
+p_s(x) = \sum_k w_k\, \mathcal{N}(x; \alpha_s \mu_k, \alpha_s^2 \Sigma_k + \sigma_s^2 I),
+\]
 
-and its score ∇ log p_s(x) = Σ_k γ_k(x) (α_s² Σ_k + σ_s² I)^{-1} (α_s μ_k − x), with
-responsibilities γ_k(x) ∝ w_k N(x; α_s μ_k, α_s² Σ_k + σ_s² I), is available in closed form. This
-makes the mixture the exact reference for score-based samplers (Song et al. 2021, "Score-based
-generative modeling through stochastic differential equations", ICLR).
+and its score
+\(\nabla \log p_s(x) = \sum_k \gamma_k(x) (\alpha_s^2 \Sigma_k + \sigma_s^2 I)^{-1} (\alpha_s \mu_k - x)\),
+with responsibilities
+\(\gamma_k(x) \propto w_k\, \mathcal{N}(x; \alpha_s \mu_k, \alpha_s^2 \Sigma_k + \sigma_s^2 I)\), is
+available in closed form. This makes the mixture the exact reference for score-based samplers (Song et al.
+2021, "Score-based generative modeling through stochastic differential equations", ICLR).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def _is_concrete(x) -> bool:
 
 
 class GaussianMixture(eqx.Module):
-    """Mixture Σ_k w_k N(μ_k, Σ_k) with K components in d dimensions.
+    r"""Mixture \(\sum_k w_k\, \mathcal{N}(\mu_k, \Sigma_k)\) with \(K\) components in \(d\) dimensions.
 
     Build with ``GaussianMixture(weights, means, covariances)`` (weights need not be normalised) or
     ``GaussianMixture.from_log_weights(log_weights, means, covariances)``. ``log_weights`` are
@@ -87,11 +92,12 @@ class GaussianMixture(eqx.Module):
 
     # ---- moments ------------------------------------------------------------------------------
     def mean(self) -> Float[Array, " d"]:
-        """E[x] = Σ_k w_k μ_k."""
+        r"""\(\mathbb{E}[x] = \sum_k w_k \mu_k\)."""
         return self.weights @ self.means
 
     def covariance(self) -> Float[Array, "d d"]:
-        """Cov[x] = Σ_k w_k (Σ_k + μ_k μ_kᵀ) − E[x] E[x]ᵀ."""
+        r"""\(\mathrm{Cov}[x] = \sum_k w_k (\Sigma_k + \mu_k \mu_k^\top) - m m^\top\),
+        \(m = \mathbb{E}[x]\)."""
         m = self.mean()
         second = jnp.einsum("k,kij->ij", self.weights, self.covariances) + jnp.einsum(
             "k,ki,kj->ij", self.weights, self.means, self.means
@@ -100,9 +106,10 @@ class GaussianMixture(eqx.Module):
 
     # ---- density and score --------------------------------------------------------------------
     def _component_terms(self, x):
-        """Per-component log w_k N(x; μ_k, Σ_k) and P_k (x − μ_k), P_k = Σ_k^{-1}, batched over x.
+        r"""Per-component \(\log w_k \mathcal{N}(x; \mu_k, \Sigma_k)\) and \(P_k (x - \mu_k)\),
+        \(P_k = \Sigma_k^{-1}\), batched over \(x\).
 
-        The precisions are formed once per call (not per point): for the small d this module
+        The precisions are formed once per call (not per point): for the small \(d\) this module
         targets, matrix products are much faster than batched triangular solves.
         """
         chol = jnp.linalg.cholesky(self.covariances)  # [K, d, d]
@@ -121,18 +128,18 @@ class GaussianMixture(eqx.Module):
         return x
 
     def log_prob(self, x: Float[Array, "... d"]) -> Float[Array, "..."]:
-        """log p(x) = logsumexp_k [log w_k + log N(x; μ_k, Σ_k)]."""
+        r"""\(\log p(x) = \operatorname{logsumexp}_k [\log w_k + \log \mathcal{N}(x; \mu_k, \Sigma_k)]\)."""
         log_terms, _ = self._component_terms(self._check_x(x))
         return jax.nn.logsumexp(log_terms, axis=-1)
 
     def score(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-        """∇ log p(x) = −Σ_k γ_k(x) Σ_k^{-1} (x − μ_k), in closed form."""
+        r"""\(\nabla \log p(x) = -\sum_k \gamma_k(x)\, \Sigma_k^{-1} (x - \mu_k)\), in closed form."""
         log_terms, sol = self._component_terms(self._check_x(x))
         gamma = jax.nn.softmax(log_terms, axis=-1)
         return -jnp.einsum("...k,...kd->...d", gamma, sol)
 
     def sample(self, key: PRNGKeyArray, num_samples: int) -> Float[Array, "n d"]:
-        """Draw ``num_samples`` iid points: k ~ Cat(w), x = μ_k + L_k z."""
+        r"""Draw ``num_samples`` iid points: \(k \sim \mathrm{Cat}(w)\), \(x = \mu_k + L_k z\)."""
         k_comp, k_noise = jax.random.split(key)
         comp = jax.random.categorical(k_comp, self.log_weights, shape=(num_samples,))
         chol = jnp.linalg.cholesky(self.covariances)
@@ -141,7 +148,8 @@ class GaussianMixture(eqx.Module):
 
     # ---- diffusion ----------------------------------------------------------------------------
     def noised(self, alpha: Float[Array, ""], sigma: Float[Array, ""]) -> "GaussianMixture":
-        """Law of α x + σ ε (x ~ p, ε ~ N(0, I)): means α μ_k, covariances α² Σ_k + σ² I."""
+        r"""Law of \(\alpha x + \sigma \varepsilon\) (\(x \sim p\), \(\varepsilon \sim \mathcal{N}(0, I)\)):
+        means \(\alpha \mu_k\), covariances \(\alpha^2 \Sigma_k + \sigma^2 I\)."""
         eye = jnp.eye(self.dim, dtype=self.covariances.dtype)
         return GaussianMixture.from_log_weights(
             self.log_weights, alpha * self.means, alpha**2 * self.covariances + sigma**2 * eye
@@ -167,10 +175,10 @@ def _checked(log_weights, means, covariances):
 
 
 class DiffusedMixture(eqx.Module):
-    """A Gaussian-mixture data distribution diffused by a VP SDE: the exact marginals p_s.
+    r"""A Gaussian-mixture data distribution diffused by a VP SDE: the exact marginals \(p_s\).
 
     ``sde`` needs ``alpha(s)`` and ``sigma(s)`` (see :class:`~models.diffusion.vp_sde.VPSDE`).
-    Calling the module returns the exact score ∇ log p_s(x), so it can be passed wherever a
+    Calling the module returns the exact score \(\nabla \log p_s(x)\), so it can be passed wherever a
     score network ``score_fn(x [..., d], s) -> [..., d]`` is expected.
     """
 
@@ -178,14 +186,14 @@ class DiffusedMixture(eqx.Module):
     sde: eqx.Module
 
     def marginal(self, s: Float[Array, ""]) -> GaussianMixture:
-        """p_s, the law of x_s = α_s x_0 + σ_s ε."""
+        r"""\(p_s\), the law of \(x_s = \alpha_s x_0 + \sigma_s \varepsilon\)."""
         return self.data.noised(self.sde.alpha(s), self.sde.sigma(s))
 
     def log_prob(self, x: Float[Array, "... d"], s: Float[Array, ""]) -> Float[Array, "..."]:
         return self.marginal(s).log_prob(x)
 
     def score(self, x: Float[Array, "... d"], s: Float[Array, ""]) -> Float[Array, "... d"]:
-        """Closed-form ∇_x log p_s(x)."""
+        r"""Closed-form \(\nabla_x \log p_s(x)\)."""
         return self.marginal(s).score(x)
 
     def __call__(self, x: Float[Array, "... d"], s: Float[Array, ""]) -> Float[Array, "... d"]:

@@ -1,14 +1,25 @@
-"""Exact exponential tilts of Gaussian mixtures.
+r"""Exact exponential tilts of Gaussian mixtures.
 
-For p(x) = Σ_k w_k N(x; μ_k, Σ_k) and a linear reward r(x) = aᵀx, completing the square gives
+For \(p(x) = \sum_k w_k\, \mathcal{N}(x; \mu_k, \Sigma_k)\) and a linear reward \(r(x) = a^\top x\),
+completing the square gives
 
-    p(x) exp(λ aᵀx) = Σ_k w_k exp(λ aᵀμ_k + ½ λ² aᵀΣ_k a) N(x; μ_k + λ Σ_k a, Σ_k),
+\[
+p(x)\, e^{\lambda a^\top x} = \sum_k w_k \exp\big(\lambda a^\top \mu_k + \tfrac12 \lambda^2 a^\top \Sigma_k
+a\big) \, \mathcal{N}(x; \mu_k + \lambda \Sigma_k a, \Sigma_k),
+\]
 
-so the tilted target p_λ(x) ∝ p(x) exp(λ r(x)) is again a mixture, with the same covariances, means
-shifted by λ Σ_k a and weights ∝ w_k exp(λ aᵀμ_k + ½ λ² aᵀΣ_k a); its normaliser is
-Z(λ) = E_p[exp(λ aᵀx)] = Σ_k w_k exp(λ aᵀμ_k + ½ λ² aᵀΣ_k a) (the mixture's moment generating
-function at λ a). Exact reference for reward-tilted diffusion samplers (e.g. Skreta et al. 2025,
-"Feynman-Kac correctors in diffusion").
+so the tilted target \(p_\lambda(x) \propto p(x) \exp(\lambda r(x))\) is again a mixture, with the
+same covariances, means shifted by \(\lambda \Sigma_k a\) and weights
+\(\propto w_k \exp(\lambda a^\top \mu_k + \frac12 \lambda^2 a^\top \Sigma_k a)\); its normaliser (the
+mixture's moment generating function at \(\lambda a\)) is
+
+\[
+Z(\lambda) = \mathbb{E}_p\big[e^{\lambda a^\top x}\big]
+= \sum_k w_k \exp\big(\lambda a^\top \mu_k + \tfrac12 \lambda^2 a^\top \Sigma_k a\big).
+\]
+
+Exact reference for reward-tilted diffusion samplers (e.g. Skreta et al. 2025, "Feynman-Kac
+correctors in diffusion").
 """
 
 from __future__ import annotations
@@ -34,9 +45,10 @@ def _log_tilt_factors(gmm: GaussianMixture, direction, lam):
 def tilt(
     gmm: GaussianMixture, direction: Float[Array, " d"], lam: Float[Array, ""]
 ) -> GaussianMixture:
-    """The mixture ∝ p(x) exp(λ aᵀx).
+    r"""The mixture \(\propto p(x) \exp(\lambda a^\top x)\).
 
-    Means μ_k + λ Σ_k a, covariances Σ_k, weights ∝ w_k exp(λ aᵀμ_k + ½ λ² aᵀΣ_k a).
+    Means \(\mu_k + \lambda \Sigma_k a\), covariances \(\Sigma_k\), weights
+    \(\propto w_k \exp(\lambda a^\top \mu_k + \frac12 \lambda^2 a^\top \Sigma_k a)\).
     """
     log_factor, cov_a = _log_tilt_factors(gmm, direction, lam)
     return GaussianMixture.from_log_weights(
@@ -47,6 +59,10 @@ def tilt(
 def tilt_log_normaliser(
     gmm: GaussianMixture, direction: Float[Array, " d"], lam: Float[Array, ""]
 ) -> Float[Array, ""]:
-    """log Z(λ) = log E_p[exp(λ aᵀx)] = logsumexp_k (log w_k + λ aᵀμ_k + ½ λ² aᵀΣ_k a)."""
+    r"""\(\log Z(\lambda) = \log \mathbb{E}_p[\exp(\lambda a^\top x)]\).
+
+    Computed as
+    \(\operatorname{logsumexp}_k (\log w_k + \lambda a^\top \mu_k + \frac12 \lambda^2 a^\top \Sigma_k a)\).
+    """
     log_factor, _ = _log_tilt_factors(gmm, direction, lam)
     return jax.nn.logsumexp(gmm.log_weights + log_factor)

@@ -1,20 +1,32 @@
-"""The variance-preserving (VP) SDE and its reverse-time Euler–Maruyama discretisation.
+r"""The variance-preserving (VP) SDE and its reverse-time Euler–Maruyama discretisation.
 
-Forward, for s ∈ [0, 1] with a linear schedule β(s) = β_min + s (β_max − β_min):
+Forward, for \(s \in [0, 1]\) with a linear schedule
+\(\beta(s) = \beta_{\min} + s (\beta_{\max} - \beta_{\min})\):
 
-    dx = −½ β(s) x ds + √β(s) dW,    x_s | x_0 ~ N(α_s x_0, σ_s² I),
-    α_s = exp(−½ B(s)),  σ_s² = 1 − α_s²,  B(s) = ∫_0^s β = β_min s + ½ (β_max − β_min) s².
+\[
+\begin{gathered}
+dx = -\tfrac12 \beta(s)\, x\, ds + \sqrt{\beta(s)}\, dW, \qquad
+x_s \mid x_0 \sim \mathcal{N}(\alpha_s x_0, \sigma_s^2 I), \\
+\alpha_s = \exp\big(-\tfrac12 B(s)\big), \quad \sigma_s^2 = 1 - \alpha_s^2, \quad
+B(s) = \int_0^s \beta = \beta_{\min} s + \tfrac12 (\beta_{\max} - \beta_{\min}) s^2.
+\end{gathered}
+\]
 
-Reverse (Anderson 1982), integrated from s = 1 down to s = ε:
+Reverse (Anderson 1982), integrated from \(s = 1\) down to \(s = \varepsilon\):
 
-    dx = [−½ β(s) x − β(s) ∇ log p_s(x)] ds + √β(s) dW̄.
+\[
+dx = \big[-\tfrac12 \beta(s)\, x - \beta(s) \nabla \log p_s(x)\big]\, ds + \sqrt{\beta(s)}\, d\bar W.
+\]
 
-One Euler–Maruyama step from s to s' < s (h = s − s') is the Gaussian kernel
+One Euler–Maruyama step from \(s\) to \(s' < s\) (\(h = s - s'\)) is the Gaussian kernel
 
-    x' ~ N(x + h β(s) [½ x + score(x, s)], h β(s) I).
+\[
+x' \sim \mathcal{N}\big(x + h \beta(s) [\tfrac12 x + \mathrm{score}(x, s)],\ h \beta(s) I\big).
+\]
 
-It is *biased*: the law of the chain at s_K = ε differs from p_ε by O(max step) even with the exact
-score and an exact start. Defaults β_min = 0.1, β_max = 20 follow Song et al. (2021), "Score-based
+It is *biased*: the law of the chain at \(s_K = \varepsilon\) differs from \(p_\varepsilon\) by
+\(O(\text{max step})\) even with the exact score and an exact start. Defaults
+\(\beta_{\min} = 0.1\), \(\beta_{\max} = 20\) follow Song et al. (2021), "Score-based
 generative modeling through stochastic differential equations", ICLR.
 """
 
@@ -35,7 +47,7 @@ ScoreFn = Callable[[Float[Array, "... d"], Float[Array, ""]], Float[Array, "... 
 
 
 class VPSDE(eqx.Module):
-    """VP SDE with a linear β schedule on s ∈ [0, 1]."""
+    r"""VP SDE with a linear \(\beta\) schedule on \(s \in [0, 1]\)."""
 
     beta_min: float = eqx.field(static=True, default=0.1)
     beta_max: float = eqx.field(static=True, default=20.0)
@@ -51,19 +63,21 @@ class VPSDE(eqx.Module):
         return self.beta_min + s * (self.beta_max - self.beta_min)
 
     def integrated_beta(self, s: Float[Array, "..."]) -> Float[Array, "..."]:
-        """B(s) = ∫_0^s β(u) du."""
+        r"""\(B(s) = \int_0^s \beta(u)\, du\)."""
         return self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
 
     def alpha(self, s: Float[Array, "..."]) -> Float[Array, "..."]:
-        """Signal scale α_s = exp(−B(s)/2)."""
+        r"""Signal scale \(\alpha_s = \exp(-B(s)/2)\)."""
         return jnp.exp(-0.5 * self.integrated_beta(s))
 
     def sigma(self, s: Float[Array, "..."]) -> Float[Array, "..."]:
-        """Noise scale σ_s = √(1 − α_s²) (computed as √(−expm1(−B)) for small s)."""
+        r"""Noise scale \(\sigma_s = \sqrt{1 - \alpha_s^2}\) (computed as \(\sqrt{-\mathrm{expm1}(-B)}\) for
+        small \(s\))."""
         return jnp.sqrt(-jnp.expm1(-self.integrated_beta(s)))
 
     def time_grid(self, num_levels: int, eps: float = 1e-3) -> Float[Array, " K+1"]:
-        """Uniform noise levels s_0 = 1 > s_1 > ... > s_K = ε (K = ``num_levels`` steps)."""
+        r"""Uniform noise levels \(s_0 = 1 > s_1 > \dots > s_K = \varepsilon\) (\(K\) = ``num_levels``
+        steps)."""
         if not isinstance(num_levels, int) or num_levels < 1:
             raise ValueError(f"num_levels must be an int >= 1, got {num_levels!r}")
         if not 0.0 < eps < 1.0:
@@ -78,7 +92,8 @@ class VPSDE(eqx.Module):
         s: Float[Array, ""],
         s_next: Float[Array, ""],
     ) -> tuple[Float[Array, "... d"], Float[Array, ""]]:
-        """Mean and std of one Euler–Maruyama step s → s_next < s given the score at (x, s)."""
+        r"""Mean and std of one Euler–Maruyama step \(s \to s_{\mathrm{next}} < s\) given the score at
+        \((x, s)\)."""
         h = s - s_next
         b = self.beta(s)
         return x + h * b * (0.5 * x + score), jnp.sqrt(h * b)
@@ -91,7 +106,8 @@ class VPSDE(eqx.Module):
         s: Float[Array, ""],
         s_next: Float[Array, ""],
     ) -> Float[Array, "... d"]:
-        """x' = x + h β(s) [½ x + score_fn(x, s)] + √(h β(s)) z, z ~ N(0, I)."""
+        r"""\(x' = x + h \beta(s) [\frac12 x + \mathrm{score\_fn}(x, s)] + \sqrt{h \beta(s)}\, z\),
+        \(z \sim \mathcal{N}(0, I)\)."""
         mean, std = self.reverse_mean_std(x, score_fn(x, s), s, s_next)
         return mean + std * jax.random.normal(key, mean.shape, mean.dtype)
 
@@ -103,7 +119,8 @@ class VPSDE(eqx.Module):
         s: Float[Array, ""],
         s_next: Float[Array, ""],
     ) -> Float[Array, "..."]:
-        """log N(x; mean, std² I) of the Euler–Maruyama kernel (for ancestor/backward sampling)."""
+        r"""\(\log \mathcal{N}(x; \mathrm{mean}, \mathrm{std}^2 I)\) of the Euler–Maruyama kernel (for
+        ancestor/backward sampling)."""
         mean, std = self.reverse_mean_std(x_prev, score_prev, s, s_next)
         d = x.shape[-1]
         return (
@@ -115,7 +132,8 @@ class VPSDE(eqx.Module):
     def denoise(
         self, x: Float[Array, "... d"], score: Float[Array, "... d"], s: Float[Array, ""]
     ) -> Float[Array, "... d"]:
-        """Tweedie's formula E[x_0 | x_s = x] = (x + σ_s² ∇ log p_s(x)) / α_s."""
+        r"""Tweedie's formula
+        \(\mathbb{E}[x_0 \mid x_s = x] = (x + \sigma_s^2 \nabla \log p_s(x)) / \alpha_s\)."""
         return (x + self.sigma(s) ** 2 * score) / self.alpha(s)
 
     def sample_reverse(

@@ -1,21 +1,24 @@
-"""The Feynman-Kac model of the Markov-chain test bed: an :class:`~models.llm_fk.ssm.LLMFeynmanKac`.
+r"""The Feynman-Kac model of the Markov-chain test bed: an :class:`~models.llm_fk.ssm.LLMFeynmanKac`.
 
-A :class:`models.markov_lm.MarkovTestBed` (target π(w) ∝ P(w | prompt) exp Φ(w),
-Φ(w) = Σ_j φ(w_{j−1}, w_j) + ψ(answer(w)), steps drawn from P or a proposal Q) is run by the same
-model as the transformer, :class:`~models.llm_fk.ssm.LLMFeynmanKac`, with
+A :class:`models.markov_lm.MarkovTestBed` (target
+\(\pi(w) \propto P(w \mid \mathrm{prompt}) \exp \Phi(w)\),
+\(\Phi(w) = \sum_j \varphi(w_{j-1}, w_j) + \psi(\mathrm{answer}(w))\), steps drawn from \(P\) or a
+proposal \(Q\)) is run by the same model as the transformer,
+:class:`~models.llm_fk.ssm.LLMFeynmanKac`, with
 
 - the step LM :class:`~models.llm_fk.step_lm.MarkovStepLM` (steps drawn from the proposal when
   there is one),
 - the reward :class:`~models.llm_fk.rewards.TokenPairReward` ``(φ, ψ, per_step=True)`` — the
-  step score r̂_t = exp(Σ φ over the new tokens + 1[finished] ψ),
-- :class:`~models.llm_fk.strategies.ProductAggregation` (R_t = ∏_{s≤t} r̂_s, so log R_t is Φ of
-  the prefix) and :class:`~models.llm_fk.strategies.TwistedWeighting` at β = 1
-  (G_t = R_t / R_{t−1} = r̂_t),
-- ``correct_proposal`` (the P/Q of each step) when the test bed has a proposal,
+  step score
+  \(\hat r_t = \exp\big(\sum \varphi \text{ over the new tokens} + \mathbf{1}[\text{finished}]\, \psi\big)\),
+- :class:`~models.llm_fk.strategies.ProductAggregation` (\(R_t = \prod_{s \le t} \hat r_s\), so
+  \(\log R_t\) is \(\Phi\) of the prefix) and :class:`~models.llm_fk.strategies.TwistedWeighting` at
+  \(\beta = 1\) (\(G_t = R_t / R_{t-1} = \hat r_t\)),
+- ``correct_proposal`` (the \(P/Q\) of each step) when the test bed has a proposal,
 
-so that ∏_t G_t = exp Φ(w) P(w) / Q(w) and SMC on it estimates Z = E_P[exp Φ] without bias; the
-exact answers of :mod:`models.markov_lm_exact` check it (``tests/test_markov_lm.py``). The search
-score is log R_t = Φ so far; with ``max_step_tokens = 1`` the model enumerates its children
+so that \(\prod_t G_t = \exp \Phi(w)\, P(w) / Q(w)\) and SMC on it estimates \(Z = \mathbb{E}_P[\exp \Phi]\)
+without bias; the exact answers of :mod:`models.markov_lm_exact` check it (``tests/test_markov_lm.py``). The
+search score is \(\log R_t = \Phi\) so far; with ``max_step_tokens = 1`` the model enumerates its children
 (``expand_all``) for deterministic beam search (``tests/test_search.py``).
 """
 

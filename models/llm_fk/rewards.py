@@ -1,28 +1,30 @@
-"""Reward models for the LLM state-space model: one interface, scored incrementally.
+r"""Reward models for the LLM state-space model: one interface, scored incrementally.
 
-A reward model scores a (partial) completion x_{1:t}: ``log_score`` returns log r̂(x_{1:t}) ∈
-[−∞, 0] for every particle (r̂ a probability: a verifier's pass/fail, a PRM's step-correctness).
-Scoring is *incremental*: a model may keep a per-particle state (``init_state`` after the prompt,
-``update`` after every step with the new step's tokens only), e.g. a judge LM's KV cache, so a
-new step is scored with the prefix's cache and the prefix is never processed again.
+A reward model scores a (partial) completion \(x_{1:t}\): ``log_score`` returns
+\(\log \hat r(x_{1:t}) \in [-\infty, 0]\) for every particle (\(\hat r\) a probability: a verifier's
+pass/fail, a PRM's step-correctness). Scoring is *incremental*: a model may keep a per-particle state
+(``init_state`` after the prompt, ``update`` after every step with the new step's tokens only), e.g. a judge
+LM's KV cache, so a new step is scored with the prefix's cache and the prefix is never processed again.
 
 Concrete models:
 
 - :class:`TokenPairReward` — a programmatic verifier written on token ids with lookup tables
-  (runs inside ``jit``): r̂ = exp(Σ_j φ(w_{j−1}, w_j) + 1[finished] ψ(answer)), over the whole
-  prefix or (``per_step``) over the new step only; φ = −∞ encodes a hard constraint;
+  (runs inside ``jit``):
+  \(\hat r = \exp\big(\sum_j \varphi(w_{j-1}, w_j) + \mathbf{1}[\text{finished}]\, \psi(\text{answer})\big)\),
+  over the whole prefix or (``per_step``) over the new step only; \(\varphi = -\infty\) encodes a
+  hard constraint;
 - :class:`TokenVerifier` — any jnp function of the token buffer;
 - :class:`ProgrammaticStepVerifier` — ``fn(text_so_far, finished) -> [0, 1]`` in Python on the
   decoded text, called on the host from inside the compiled loop (``jax.pure_callback``);
 - :class:`FinalAnswerVerifier` — ``fn(text) -> [0, 1]`` on finished completions only (an outcome
   reward; unfinished prefixes score 1 and cost no call);
-- both take ``log_scale=True`` for functions returning log r̂ (no float32 underflow), and a
+- both take ``log_scale=True`` for functions returning \(\log \hat r\) (no float32 underflow), and a
   :class:`HostCallbacks` (``callbacks=``): the per-experiment table of host functions (no
   module-level registry);
 - :class:`LLMJudge` — a loaded LM asked a step-correctness question after the prefix;
-  r̂ = p(Yes) / (p(Yes) + p(No)) of its next token, all particles in one batched forward pass of
-  the question tokens on top of the prefix cache (the generator's own cache when the judge is the
-  generator, else the judge's cache kept in the reward state and extended by each new step).
+  \(\hat r = p(\text{Yes}) / (p(\text{Yes}) + p(\text{No}))\) of its next token, all particles in one batched
+  forward pass of the question tokens on top of the prefix cache (the generator's own cache when the judge is
+  the generator, else the judge's cache kept in the reward state and extended by each new step).
 
 A *reward call* is the scoring of one particle after one step (what the state-space model counts).
 
@@ -57,10 +59,10 @@ __all__ = [
 
 
 class RewardModel(eqx.Module):
-    """Interface of every reward model (all methods batched over particles N).
+    r"""Interface of every reward model (all methods batched over particles N).
 
     ``scores_unfinished`` (class variable): whether unfinished prefixes are scored (a process
-    reward) or only finished completions (an outcome reward: unfinished ones get log r̂ = 0 and
+    reward) or only finished completions (an outcome reward: unfinished ones get \(\log \hat r = 0\) and
     cost no reward call).
     """
 
@@ -88,7 +90,7 @@ class RewardModel(eqx.Module):
 
     def log_score(self, lm: AbstractStepLM, state, lm_state, prev_lengths: Int[Array, " N"],
                   finished: Bool[Array, " N"], active: Bool[Array, " N"]) -> Float[Array, " N"]:
-        """log r̂ of every row's prefix (rows not ``active`` may return anything)."""
+        r"""\(\log \hat r\) of every row's prefix (rows not ``active`` may return anything)."""
         raise NotImplementedError
 
     def rewind(self, lm: AbstractStepLM, state_row, lm_prompt_length: Int[Array, ""],
@@ -120,11 +122,17 @@ def _last_answer(tokens, lengths, eos_ids):
 
 
 class TokenPairReward(RewardModel):
-    """r̂(x) = exp(Σ_{lo ≤ j < len} φ(w_{j−1}, w_j) + 1[finished] ψ(answer(x))), a verifier on
-    token ids by table lookup (``log_pair`` = φ [V, V], ``log_final`` = ψ [V], answer = the last
-    non-EOS token). ``lo`` is the prompt length (a prefix score) or, with ``per_step``, the start of
-    the new step (a step score, whose product over steps is the prefix score). Tables should be ≤ 0
-    for r̂ ∈ [0, 1]; −∞ forbids a pair (hard constraint)."""
+    r"""A verifier on token ids by table lookup,
+
+    \[
+    \hat r(x) = \exp\Big(\sum_{\mathrm{lo} \le j < \mathrm{len}} \varphi(w_{j-1}, w_j) +
+    \mathbf{1}[\text{finished}]\, \psi(\mathrm{answer}(x))\Big)
+    \]
+
+    (``log_pair`` = \(\varphi\) [V, V], ``log_final`` = \(\psi\) [V], answer = the last non-EOS token). ``lo``
+    is the prompt length (a prefix score) or, with ``per_step``, the start of the new step (a step score,
+    whose product over steps is the prefix score). Tables should be \(\le 0\) for \(\hat r \in [0, 1]\);
+    \(-\infty\) forbids a pair (hard constraint)."""
 
     log_pair: Float[Array, "V V"]
     log_final: Float[Array, " V"]
@@ -178,9 +186,9 @@ def _safe_log(r):
 
 
 class HostAnswer:
-    """Interning table of one answer function ``fn(completion_ids) -> Hashable``: integer ids with
-    equal answers ↔ equal ids, so that votes can run inside ``jit`` (``jax.pure_callback``).
-    ``values[i]`` is the answer of id i."""
+    r"""Interning table of one answer function ``fn(completion_ids) -> Hashable``: integer ids with
+    equal answers \(\Leftrightarrow\) equal ids, so that votes can run inside ``jit``
+    (``jax.pure_callback``). ``values[i]`` is the answer of id \(i\)."""
 
     def __init__(self, fn: Callable):
         self.fn = fn
@@ -290,8 +298,8 @@ class _HostVerifier(RewardModel):
         return self.callbacks.fn(self.fn_id)
 
     def _checked(self, value) -> float:
-        """A host score as a float32-safe value: r̂ ∈ [0, 1], or (``log_scale``) log r̂ ∈ [−∞, 0];
-        anything else is NaN (a killed particle, reported by the engine)."""
+        r"""A host score as a float32-safe value: \(\hat r \in [0, 1]\), or (``log_scale``)
+        \(\log \hat r \in [-\infty, 0]\); anything else is NaN (a killed particle, reported by the engine)."""
         v = float(value)
         if self.log_scale:
             return v if v <= 0.0 else float("nan")
@@ -305,11 +313,11 @@ class _HostVerifier(RewardModel):
 
 
 class ProgrammaticStepVerifier(_HostVerifier):
-    """A process reward in Python on the decoded completion: ``fn(text_so_far, finished) -> r̂``
-    with r̂ ∈ [0, 1] (values outside count as NaN = a killed particle, reported by the engine), or
-    with ``log_scale=True`` ``fn`` returns log r̂ ∈ [−∞, 0] (a product of many small factors does
-    not underflow in float32). Called on the host from the compiled loop, once per active particle
-    and step; inactive rows are not decoded. ``fn`` is registered in ``callbacks`` (a
+    r"""A process reward in Python on the decoded completion: ``fn(text_so_far, finished) -> r̂``
+    with \(\hat r \in [0, 1]\) (values outside count as NaN = a killed particle, reported by the
+    engine), or with ``log_scale=True`` ``fn`` returns \(\log \hat r \in [-\infty, 0]\) (a product of many
+    small factors does not underflow in float32). Called on the host from the compiled loop, once per active
+    particle and step; inactive rows are not decoded. ``fn`` is registered in ``callbacks`` (a
     :class:`HostCallbacks`; default: a new one of this verifier's own)."""
 
     def log_score(self, lm, state, lm_state, prev_lengths, finished, active):
@@ -327,9 +335,9 @@ class ProgrammaticStepVerifier(_HostVerifier):
 
 
 class FinalAnswerVerifier(_HostVerifier):
-    """An outcome reward in Python: ``fn(text) -> r̂ ∈ [0, 1]`` (``log_scale=True``: log r̂) on
-    finished completions; unfinished prefixes score 1 (log 0) and are not sent to ``fn`` (no reward
-    call). ``fn`` is registered in ``callbacks`` (see :class:`ProgrammaticStepVerifier`)."""
+    r"""An outcome reward in Python: ``fn(text) -> r̂ ∈ [0, 1]`` (``log_scale=True``: \(\log \hat r\))
+    on finished completions; unfinished prefixes score 1 (\(\log \hat r = 0\)) and are not sent to ``fn`` (no
+    reward call). ``fn`` is registered in ``callbacks`` (see :class:`ProgrammaticStepVerifier`)."""
 
     scores_unfinished: ClassVar[bool] = False
 
@@ -355,9 +363,9 @@ DEFAULT_QUESTION = "\n\nIs every step above correct? Answer Yes or No.\nAnswer:"
 
 
 class LLMJudge(RewardModel):
-    """r̂ = p(Yes)/(p(Yes) + p(No)) of the judge's next token after ``question_template`` is appended
-    to the prefix (``normalize=False``: p(Yes) alone); Yes/No may each be several token ids (their
-    probabilities add).
+    r"""\(\hat r = p(\text{Yes}) / (p(\text{Yes}) + p(\text{No}))\) of the judge's next token after
+    ``question_template`` is appended to the prefix (``normalize=False``: \(p(\text{Yes})\) alone); Yes/No may
+    each be several token ids (their probabilities add).
 
     ``lm=None`` (or the generator itself) judges with the generator's own cache: the question is
     forced on top of every particle's cache (a copy), one batched forward pass of

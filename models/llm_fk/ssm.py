@@ -1,23 +1,28 @@
-"""Step-by-step LLM generation as a Feynman-Kac (state-space) model, over any step LM.
+r"""Step-by-step LLM generation as a Feynman-Kac (state-space) model, over any step LM.
 
-Following Puri et al. (2025), a completion is built in reasoning steps x_1, x_2, ...: the state is
-the prefix x_{1:t} (a :class:`LLMParticle`: token buffer + KV cache + lengths + step count + done
-flag), the transition M_t is the LM sampling the next step (tokens up to a delimiter, EOS, or a
-per-step cap), and a reward model gives r̂_t = r̂(x_{1:t}) ∈ [0, 1] (:mod:`models.llm_fk.rewards`),
-aggregated over steps into R_t (``aggregation``): ``last`` R_t = r̂_t; ``min`` R_t = min_{s≤t} r̂_s;
-``product`` R_t = ∏_{s≤t} r̂_s; ``model`` the reward model's own rule. With a softmax temperature τ
-(β = 1/τ) the potentials are (``weighting``):
+Following Puri et al. (2025), a completion is built in reasoning steps \(x_1, x_2, \dots\): the state
+is the prefix \(x_{1:t}\) (a :class:`LLMParticle`: token buffer + KV cache + lengths + step count +
+done flag), the transition \(M_t\) is the LM sampling the next step (tokens up to a delimiter, EOS,
+or a per-step cap), and a reward model gives \(\hat r_t = \hat r(x_{1:t}) \in [0, 1]\)
+(:mod:`models.llm_fk.rewards`), aggregated over steps into \(R_t\) (``aggregation``): ``last``
+\(R_t = \hat r_t\); ``min`` \(R_t = \min_{s \le t} \hat r_s\); ``product``
+\(R_t = \prod_{s \le t} \hat r_s\); ``model`` the reward model's own rule. With a softmax
+temperature \(\tau\) (\(\beta = 1/\tau\)) the potentials are (``weighting``):
 
-- ``twisted`` (default): G_t = R_t^β / R_{t−1}^β (R_{−1} = 1), so ∏_t G_t = R_T^β: proper
-  incremental importance weights of the twisted target π(x) ∝ p(x) R(x)^β; SMC on it gives an
-  unbiased Ẑ of Z = E_p[R(x)^β]. R_t^β acts as a twist (a look-ahead guess of the final reward).
-- ``puri``: G_t = f(R_t)^β with f the link of ``puri_link`` (``logit``: r/(1−r), the public code
-  of Puri et al. and its_hub, which resample ∝ softmax(logit(r̂_t)/τ); ``identity``: e^{r}, the
-  paper's softmax of rewards; ``log``: r), resampling at every step. This targets
-  π_puri(x) ∝ p(x) ∏_{t≤T(x)} f(R_t(x_{1:t}))^β — every intermediate reward counts once more at
-  every step, so long completions and early steps are over-weighted: a different, biased target,
-  and log Ẑ estimates the normaliser of that product, not of π. ``reweight_finished=True``
-  also re-weights finished particles by f(R_T)^β at every step until all are done (they get cloned,
+- ``twisted`` (default): \(G_t = R_t^\beta / R_{t-1}^\beta\) (\(R_{-1} = 1\)), so
+  \(\prod_t G_t = R_T^\beta\): proper incremental importance weights of the twisted target
+  \(\pi(x) \propto p(x) R(x)^\beta\); SMC on it gives an unbiased \(\hat Z\) of
+  \(Z = \mathbb{E}_p[R(x)^\beta]\). \(R_t^\beta\) acts as a twist (a look-ahead guess of the final
+  reward).
+- ``puri``: \(G_t = f(R_t)^\beta\) with \(f\) the link of ``puri_link`` (``logit``: \(r/(1-r)\), the
+  public code of Puri et al. and its_hub, which resample
+  \(\propto \mathrm{softmax}(\mathrm{logit}(\hat r_t)/\tau)\); ``identity``: \(e^{r}\), the paper's
+  softmax of rewards; ``log``: \(r\)), resampling at every step. This targets
+  \(\pi_{\mathrm{puri}}(x) \propto p(x) \prod_{t \le T(x)} f(R_t(x_{1:t}))^\beta\) — every
+  intermediate reward counts once more at every step, so long completions and early steps are
+  over-weighted: a different, biased target, and \(\log \hat Z\) estimates the normaliser of that
+  product, not of \(\pi\). ``reweight_finished=True`` also re-weights finished particles by
+  \(f(R_T)^\beta\) at every step until all are done (they get cloned,
   as in the paper's code), which makes the target depend on the population.
 
 Weightings, aggregations and links are small ``eqx.Module`` classes (:mod:`models.llm_fk.strategies`:
@@ -25,18 +30,18 @@ Weightings, aggregations and links are small ``eqx.Module`` classes (:mod:`model
 ``LastAggregation()``, ...); :meth:`LLMFeynmanKac.build` also takes their names.
 
 Finished particles are absorbing (the engine neither moves nor re-weights them). With
-``correct_proposal`` the weights also carry p/q of every step (q the sampling law, e.g. a
-temperature or top-p), so the targets use the LM p at temperature 1 instead of q.
+``correct_proposal`` the weights also carry \(p/q\) of every step (\(q\) the sampling law, e.g. a
+temperature or top-p), so the targets use the LM \(p\) at temperature 1 instead of \(q\).
 
-The model also provides the search interface of :mod:`samplers.search` (``score`` = log R_t,
+The model also provides the search interface of :mod:`samplers.search` (``score`` = \(\log R_t\),
 ``answer``, ``num_tokens``, ``max_num_steps``; for single-token steps ``expand_all``, every next
 token of every particle, for deterministic beam search), ``log_transition`` for ancestor sampling, and
-:meth:`LLMFeynmanKac.path` to rebuild the trajectory x_{0:T−1} of a particle from its final state (the
+:meth:`LLMFeynmanKac.path` to rebuild the trajectory \(x_{0:T-1}\) of a particle from its final state (the
 state stores its own history, so conditional SMC needs no genealogy). Compute is counted exactly by
 the protocol's ``step_info`` hook: the engine records, per step, the tokens generated and the
 reward calls of the particles that moved (``result.step_info``; :func:`total_compute` sums it);
-the model is not adaptive. ``previous_view`` hands the engine only log R_{t−1} and the step count
-of x_{t−1}, so the KV cache can be updated in place.
+the model is not adaptive. ``previous_view`` hands the engine only \(\log R_{t-1}\) and the step count
+of \(x_{t-1}\), so the KV cache can be updated in place.
 
 Reference: Puri, Sudalairaj, Xu, Xu & Srivastava (2025), "A probabilistic inference approach to
 inference-time scaling of LLMs using particle-based Monte Carlo methods"; Zhao, Brekelmans,
@@ -82,7 +87,7 @@ PURI_LINKS = LINK_NAMES
 
 
 class LLMParticle(NamedTuple):
-    """Particles of :class:`LLMFeynmanKac` (every leaf has the particle axis N first).
+    r"""Particles of :class:`LLMFeynmanKac` (every leaf has the particle axis N first).
 
     Attributes:
         lm: the step LM's decoding state (token buffer, KV cache, lengths, done).
@@ -92,9 +97,10 @@ class LLMParticle(NamedTuple):
         step_tokens, step_logprob, step_logq: tokens of the last step, its log-probability under
             the LM (temperature 1) and under the sampling law.
         scored: the last step was sent to the reward model (a reward call).
-        log_step_reward: log r̂ of the last scoring; ``log_reward``: aggregated log R_t.
-        hist_*: [N, max_steps] per-step records (length after the step, log R, log r̂, log p,
-            log q, scored), 0 past ``num_steps``; they rebuild the trajectory (:meth:`~LLMFeynmanKac.path`).
+        log_step_reward: \(\log \hat r\) of the last scoring; ``log_reward``: aggregated \(\log R_t\).
+        hist_*: [N, max_steps] per-step records (length after the step, \(\log R\), \(\log \hat r\),
+            \(\log p\), \(\log q\), scored), 0 past ``num_steps``; they rebuild the trajectory
+            (:meth:`~LLMFeynmanKac.path`).
     """
 
     lm: Any
@@ -120,7 +126,7 @@ def _tuple_answer(ids):
 
 
 class PreviousView(NamedTuple):
-    """The part of x_{t−1} that :meth:`LLMFeynmanKac.log_potential` / ``step_info`` read (a full
+    r"""The part of \(x_{t-1}\) that :meth:`LLMFeynmanKac.log_potential` / ``step_info`` read (a full
     :class:`LLMParticle` has the same fields and works too)."""
 
     log_reward: Float[Array, " N"]
@@ -189,10 +195,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         answer_ids_fn: Callable | None = None,
         callbacks: HostCallbacks | None = None,
     ) -> "LLMFeynmanKac":
-        """Prefill the prompt and bind the reward model (host side).
+        r"""Prefill the prompt and bind the reward model (host side).
 
         Args:
-            lm: a step LM (:class:`~models.llm_fk.step_lm.StepLM`, :class:`~models.llm_fk.step_lm.MarkovStepLM`).
+            lm: a step LM (:class:`~models.llm_fk.step_lm.StepLM`,
+                :class:`~models.llm_fk.step_lm.MarkovStepLM`).
             prompt_ids: the prompt's token ids (chat template already applied).
             reward: a :class:`~models.llm_fk.rewards.RewardModel`.
             max_steps: step cap; a particle is finished after ``max_steps`` steps.
@@ -205,11 +212,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
                 ``"twisted"`` / ``"puri"``; aggregation: an
                 :class:`~models.llm_fk.strategies.AbstractAggregation` or its name
                 ``last|min|product|model``.
-            temperature: τ > 0 of the potential (β = 1/τ).
+            temperature: \(\tau > 0\) of the potential (\(\beta = 1/\tau\)).
             puri_link: ``logit|identity|log`` (with ``weighting="puri"``; default logit);
                 reweight_finished: ``puri`` only (fields of ``PuriWeighting`` when an object is given).
-            correct_proposal: weight by p/q of each step (p the LM at temperature 1, q the
-                sampling law), so that the base measure is p.
+            correct_proposal: weight by \(p/q\) of each step (\(p\) the LM at temperature 1, \(q\) the
+                sampling law), so that the base measure is \(p\).
             score_steps: score every step during the move (needed by SMC, particle Gibbs, beam
                 search); ``False`` scores only when :meth:`score` is called (best-of-N, voting),
                 with ``aggregation="last"``.
@@ -279,7 +286,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         )
 
     def with_inv_temperature(self, beta) -> "LLMFeynmanKac":
-        """The same model at inverse temperature β (a traced value is fine: parallel tempering)."""
+        r"""The same model at inverse temperature \(\beta\) (a traced value is fine: parallel tempering)."""
         return eqx.tree_at(lambda m: m.inv_temperature, self, jnp.asarray(beta, jnp.float32))
 
     def with_options(
@@ -431,9 +438,9 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         return log_g + ratio
 
     def log_transition(self, t, previous, particles):
-        """log M_t(x_{t−1} → x_t) pairwise: the step's log-probability under the sampling law when
-        ``particles`` extends ``previous`` by one step (same tokens up to the previous length),
-        0 when ``previous`` is finished and ``particles`` equals it, else −∞."""
+        r"""\(\log M_t(x_{t-1} \to x_t)\) pairwise: the step's log-probability under the sampling law
+        when ``particles`` extends ``previous`` by one step (same tokens up to the previous length),
+        0 when ``previous`` is finished and ``particles`` equals it, else \(-\infty\)."""
         prev_len = previous.lm.lengths
         ref_len = particles.lm.lengths
         pos = jnp.arange(previous.lm.tokens.shape[1])
@@ -450,13 +457,13 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         return self.weighting.done(particles.done)
 
     def previous_view(self, particles: LLMParticle) -> "PreviousView":
-        """What :meth:`log_potential` and :meth:`step_info` read of x_{t−1}: log R_{t−1} and the
+        r"""What :meth:`log_potential` and :meth:`step_info` read of \(x_{t-1}\): \(\log R_{t-1}\) and the
         step count (not the KV cache, so that the engine can move the particles in place)."""
         return PreviousView(log_reward=particles.log_reward, num_steps=particles.num_steps)
 
     def step_info(self, t, previous, particles) -> dict:
-        """Compute of the move ``previous → particles``: ``tokens`` generated and ``reward_calls``
-        (particles scored) by the particles that took a step (all of them at t = 0)."""
+        r"""Compute of the move ``previous → particles``: ``tokens`` generated and ``reward_calls``
+        (particles scored) by the particles that took a step (all of them at \(t = 0\))."""
         before = 0 if previous is None else previous.num_steps
         moved = particles.num_steps == before + 1
         return {"tokens": jnp.sum(jnp.where(moved, particles.step_tokens, 0)).astype(jnp.int32),
@@ -464,7 +471,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
 
     # ---------------------------------------------------------------------------------- search
     def score(self, particles: LLMParticle) -> Float[Array, " N"]:
-        """log R_t of every particle (scored now when ``score_steps=False``: one reward call per
+        r"""\(\log R_t\) of every particle (scored now when ``score_steps=False``: one reward call per
         particle)."""
         if self.score_steps:
             return particles.log_reward
@@ -498,7 +505,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
     # ---------------------------------------------------------------------------------- expansion
     @property
     def num_children(self) -> int:
-        """Children of a particle in :meth:`expand_all`: the vocabulary size V (single-token steps
+        r"""Children of a particle in :meth:`expand_all`: the vocabulary size \(V\) (single-token steps
         only, ``max_step_tokens = 1``)."""
         if self.max_step_tokens != 1:
             raise ValueError(
@@ -508,15 +515,15 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         return self.lm.vocab_size
 
     def expand_all(self, particles: LLMParticle) -> tuple[LLMParticle, Float[Array, "N V"]]:
-        """Every next step of every particle, for single-token steps (deterministic beam search).
+        r"""Every next step of every particle, for single-token steps (deterministic beam search).
 
-        Child ``i * V + v`` is particle i after the step "append token v" (the step LM's ``force``),
+        Child ``i * V + v`` is particle \(i\) after the step "append token \(v\)" (the step LM's ``force``),
         finished, scored and recorded exactly as a sampled step would be (EOS, a full buffer or
-        ``max_steps`` finish it). ``log_probs[i, v]`` is the log-probability of token v under the
+        ``max_steps`` finish it). ``log_probs[i, v]`` is the log-probability of token \(v\) under the
         law the steps are drawn from (the step LM's ``next_token_proposal_logprobs`` if it has one,
-        else ``next_token_logprobs``, the LM at temperature 1); −inf marks an impossible child.
+        else ``next_token_logprobs``, the LM at temperature 1); \(-\infty\) marks an impossible child.
         Children of finished particles are the particle itself (callers keep the parent). Costs a
-        forward pass over N·V rows: for small vocabularies (the Markov-chain LM).
+        forward pass over \(N V\) rows: for small vocabularies (the Markov-chain LM).
         """
         v = self.num_children
         n = particles.num_steps.shape[0]
@@ -538,9 +545,9 @@ class LLMFeynmanKac(AbstractFeynmanKac):
 
     # ---------------------------------------------------------------------------------- paths
     def path(self, particle: LLMParticle) -> LLMParticle:
-        """The trajectory x_0, ..., x_{S−1} (S = ``max_steps``) of one particle (leaves without the
-        particle axis), rebuilt from its final state: x_t is the particle after step t+1, and after
-        its last step the finished state repeats (absorption). The reference of conditional SMC."""
+        r"""The trajectory \(x_0, \dots, x_{S-1}\) (\(S\) = ``max_steps``) of one particle (leaves without
+        the particle axis), rebuilt from its final state: \(x_t\) is the particle after step \(t+1\), and
+        after its last step the finished state repeats (absorption). The reference of conditional SMC."""
         p = particle
         s = self.max_steps
         ts = jnp.arange(s)

@@ -1,18 +1,18 @@
-"""Strategies of the LLM Feynman-Kac model: how step rewards become potentials.
+r"""Strategies of the LLM Feynman-Kac model: how step rewards become potentials.
 
 Three small families of final ``eqx.Module`` classes (no strings or integer codes inside the maths):
 
-- **aggregations** turn the step scores r̂_1, ..., r̂_t into the reward R_t of the prefix x_{1:t}
-  (:class:`LastAggregation`, :class:`MinAggregation`, :class:`ProductAggregation`,
+- **aggregations** turn the step scores \(\hat r_1, \dots, \hat r_t\) into the reward \(R_t\) of the prefix
+  \(x_{1:t}\) (:class:`LastAggregation`, :class:`MinAggregation`, :class:`ProductAggregation`,
   :class:`ModelAggregation`);
-- **links** f used by the puri weighting (:class:`LogitLink`, :class:`IdentityLink`,
-  :class:`LogLink`), each returning log f(r) from log r;
-- **weightings** give the potential G_t from R_{t−1}, R_t and the inverse temperature β
+- **links** \(f\) used by the puri weighting (:class:`LogitLink`, :class:`IdentityLink`,
+  :class:`LogLink`), each returning \(\log f(r)\) from \(\log r\);
+- **weightings** give the potential \(G_t\) from \(R_{t-1}\), \(R_t\) and the inverse temperature \(\beta\)
   (:class:`TwistedWeighting`, :class:`PuriWeighting`).
 
-All work in log space: ``log_r`` is log R_t (or log r̂_t) ∈ [−∞, 0]. Strings name them for
-convenience (``weighting("puri", link="log")``, ``aggregation("min")``, ``link("logit")``); an unknown
-name is a ``ValueError`` listing the known ones (``ppl.checks.strategy``).
+All work in log space: ``log_r`` is \(\log R_t\) (or \(\log \hat r_t\)) \(\in [-\infty, 0]\). Strings name
+them for convenience (``weighting("puri", link="log")``, ``aggregation("min")``, ``link("logit")``); an
+unknown name is a ``ValueError`` listing the known ones (``ppl.checks.strategy``).
 
 A model that holds strategies of a different class is a different compiled program; models that
 differ only in array leaves (the inverse temperature β, ``correct_proposal``) share one, which
@@ -64,20 +64,20 @@ LOGIT_EPS = 1e-7  # its_hub clips rewards to [1e-7, 1 - 1e-7] before the logit
 
 
 class AbstractAggregation(eqx.Module):
-    """log R_t from log R_{t−1} and the new step's log r̂_t (batched over particles).
+    r"""\(\log R_t\) from \(\log R_{t-1}\) and the new step's \(\log \hat r_t\) (batched over particles).
 
-    ``first`` marks particles taking their first step (log R_{t−1} = 0 there)."""
+    ``first`` marks particles taking their first step (\(\log R_{t-1} = 0\) there)."""
 
     name: ClassVar[str]
 
     @abc.abstractmethod
     def __call__(self, reward, log_prev: Float[Array, " N"], log_r: Float[Array, " N"],
                  first: Bool[Array, " N"]) -> Float[Array, " N"]:
-        """log R_t; ``reward`` is the reward model (used by :class:`ModelAggregation`)."""
+        r"""\(\log R_t\); ``reward`` is the reward model (used by :class:`ModelAggregation`)."""
 
 
 class LastAggregation(AbstractAggregation):
-    """R_t = r̂_t: the latest score (a prefix reward that already sees the whole prefix)."""
+    r"""\(R_t = \hat r_t\): the latest score (a prefix reward that already sees the whole prefix)."""
 
     name: ClassVar[str] = "last"
 
@@ -86,7 +86,7 @@ class LastAggregation(AbstractAggregation):
 
 
 class MinAggregation(AbstractAggregation):
-    """R_t = min_{s≤t} r̂_s: the weakest step so far."""
+    r"""\(R_t = \min_{s \le t} \hat r_s\): the weakest step so far."""
 
     name: ClassVar[str] = "min"
 
@@ -95,7 +95,8 @@ class MinAggregation(AbstractAggregation):
 
 
 class ProductAggregation(AbstractAggregation):
-    """R_t = ∏_{s≤t} r̂_s, i.e. log R_t = log R_{t−1} + log r̂_t (step scores multiply)."""
+    r"""\(R_t = \prod_{s \le t} \hat r_s\), i.e. \(\log R_t = \log R_{t-1} + \log \hat r_t\) (step scores
+    multiply)."""
 
     name: ClassVar[str] = "product"
 
@@ -104,7 +105,7 @@ class ProductAggregation(AbstractAggregation):
 
 
 class ModelAggregation(AbstractAggregation):
-    """R_t = the reward model's own rule: ``reward.aggregate(log R_{t−1}, log r̂_t, first)``."""
+    r"""\(R_t\) = the reward model's own rule: ``reward.aggregate(log R_{t−1}, log r̂_t, first)``."""
 
     name: ClassVar[str] = "model"
 
@@ -118,18 +119,19 @@ class ModelAggregation(AbstractAggregation):
 
 
 class AbstractLink(eqx.Module):
-    """log f(r) from log r, for the puri potential G_t = f(R_t)^β."""
+    r"""\(\log f(r)\) from \(\log r\), for the puri potential \(G_t = f(R_t)^\beta\)."""
 
     name: ClassVar[str]
 
     @abc.abstractmethod
     def __call__(self, log_r: Float[Array, " N"]) -> Float[Array, " N"]:
-        """log f(r) of every particle."""
+        r"""\(\log f(r)\) of every particle."""
 
 
 class LogitLink(AbstractLink):
-    """f(r) = r / (1 − r) with r clipped to [1e−7, 1 − 1e−7]: log f = log r − log(1 − r), the
-    logit of the public code of Puri et al. and its_hub (softmax(logit(r̂)/τ))."""
+    r"""\(f(r) = r / (1 - r)\) with \(r\) clipped to \([10^{-7}, 1 - 10^{-7}]\):
+    \(\log f = \log r - \log(1 - r)\), the logit of the public code of Puri et al. and its_hub
+    (\(\mathrm{softmax}(\mathrm{logit}(\hat r)/\tau)\))."""
 
     name: ClassVar[str] = "logit"
 
@@ -139,7 +141,7 @@ class LogitLink(AbstractLink):
 
 
 class IdentityLink(AbstractLink):
-    """f(r) = e^r: log f = r, the paper's softmax of rewards (softmax(r̂/τ))."""
+    r"""\(f(r) = e^r\): \(\log f = r\), the paper's softmax of rewards (\(\mathrm{softmax}(\hat r/\tau)\))."""
 
     name: ClassVar[str] = "identity"
 
@@ -148,7 +150,7 @@ class IdentityLink(AbstractLink):
 
 
 class LogLink(AbstractLink):
-    """f(r) = r: log f = log r, so G_t = R_t^β."""
+    r"""\(f(r) = r\): \(\log f = \log r\), so \(G_t = R_t^\beta\)."""
 
     name: ClassVar[str] = "log"
 
@@ -162,7 +164,8 @@ class LogLink(AbstractLink):
 
 
 class AbstractWeighting(eqx.Module):
-    """log G_t from log R_{t−1} (``None`` at t = 0: R_{−1} = 1), log R_t and β.
+    r"""\(\log G_t\) from \(\log R_{t-1}\) (``None`` at \(t = 0\): \(R_{-1} = 1\)), \(\log R_t\) and
+    \(\beta\).
 
     ``resample_every_step`` (class variable): the weighting is meant to resample at every step
     (its default ESS threshold is 1 instead of 0.5)."""
@@ -173,7 +176,7 @@ class AbstractWeighting(eqx.Module):
     @abc.abstractmethod
     def log_potential(self, beta: Float[Array, ""], log_prev: Float[Array, " N"] | None,
                       log_r: Float[Array, " N"]) -> Float[Array, " N"]:
-        """log G_t of every particle."""
+        r"""\(\log G_t\) of every particle."""
 
     def done(self, done: Bool[Array, " N"]) -> Bool[Array, " N"]:
         """The absorbing flags the engine sees, from the particles' finished flags (default: the
@@ -186,9 +189,9 @@ class AbstractWeighting(eqx.Module):
 
 
 class TwistedWeighting(AbstractWeighting):
-    """G_t = R_t^β / R_{t−1}^β (R_{−1} = 1), so ∏_t G_t = R_T^β: proper incremental weights of
-    π(x) ∝ p(x) R(x)^β (an unbiased Ẑ of E_p[R^β]). A particle whose R_{t−1} = 0 stays dead
-    (log G_t = −∞)."""
+    r"""\(G_t = R_t^\beta / R_{t-1}^\beta\) (\(R_{-1} = 1\)), so \(\prod_t G_t = R_T^\beta\): proper
+    incremental weights of \(\pi(x) \propto p(x) R(x)^\beta\) (an unbiased \(\hat Z\) of
+    \(\mathbb{E}_p[R^\beta]\)). A particle whose \(R_{t-1} = 0\) stays dead (\(\log G_t = -\infty\))."""
 
     name: ClassVar[str] = "twisted"
 
@@ -200,11 +203,12 @@ class TwistedWeighting(AbstractWeighting):
 
 
 class PuriWeighting(AbstractWeighting):
-    """G_t = f(R_t)^β, i.e. log G_t = β log f(R_t) with f the ``link``, resampling every step
-    (Puri et al. 2025). Targets π_puri(x) ∝ p(x) ∏_{t≤T(x)} f(R_t)^β — a different, biased law.
+    r"""\(G_t = f(R_t)^\beta\), i.e. \(\log G_t = \beta \log f(R_t)\) with \(f\) the ``link``,
+    resampling every step (Puri et al. 2025). Targets
+    \(\pi_{\mathrm{puri}}(x) \propto p(x) \prod_{t \le T(x)} f(R_t)^\beta\) — a different, biased law.
 
     ``reweight_finished`` (static): finished particles are not absorbing while some particle is
-    unfinished (they keep competing with weight f(R_T)^β at every step, as the paper's code)."""
+    unfinished (they keep competing with weight \(f(R_T)^\beta\) at every step, as the paper's code)."""
 
     link: AbstractLink = LogitLink()
     reweight_finished: bool = eqx.field(static=True, default=False)
