@@ -394,6 +394,7 @@ def tempered_smc(
     resampling: str | AbstractResampling = "systematic",
     criterion: str = "cess",
     progress: bool = True,
+    waste_free: int | None = None,
     **model_kwargs: Any,
 ) -> TemperedSMCResult:
     r"""Adaptive tempered SMC on a numpyro model: posterior samples and log evidence.
@@ -408,6 +409,9 @@ def tempered_smc(
     below that target, when \(\lambda\) did not reach 1 within ``max_steps``, and (from the engine) about NaN
     log-likelihoods and extinction; the result carries the same facts as fields. ``progress``: a
     progress bar of \(\lambda\) from 0 to 1 (stderr; only for an eager call).
+    ``waste_free=P``: the waste-free variant (:mod:`samplers.waste_free`, Dau & Chopin 2022), M = N/P
+    chains of P states from M resampled starts (``num_particles`` a multiple of P); the adaptive
+    number of moves and its warning then do not apply.
     """
     if isinstance(numpyro_model, NumpyroModel):
         if model_args or model_kwargs:
@@ -429,11 +433,18 @@ def tempered_smc(
             criterion=criterion,
             progress=on,
         )
+        if waste_free is not None:
+            from samplers.waste_free import WasteFreeTempering
+
+            fk = WasteFreeTempering(fk, waste_free)
         res = smc(key, fk, num_particles, resampling=resampling, ess_threshold=1.0, max_steps=max_steps)
     past = jnp.arange(max_steps) >= res.num_steps
     info = res.model_info
     moved = ~past & (jnp.arange(max_steps) > 0)
-    unmixed = moved & (info["mcmc_steps"] >= fk.max_mcmc_steps) & ~(info["jump"] >= fk.target_jump)
+    if waste_free is None:  # a waste-free move has no target jump: its chains are all kept
+        unmixed = moved & (info["mcmc_steps"] >= fk.max_mcmc_steps) & ~(info["jump"] >= fk.target_jump)
+    else:
+        unmixed = jnp.zeros_like(moved)
     out = TemperedSMCResult(
         samples=target.constrain(res.particles.z),
         log_weights=res.log_weights,
@@ -451,7 +462,7 @@ def tempered_smc(
         particles=res.particles.z,
         smc=res,
     )
-    _warn(out, fk)
+    _warn(out, fk if waste_free is None else fk.base)
     return out
 
 

@@ -83,3 +83,22 @@ def test_chains_keep_every_state(problem):  # noqa: F811
         model.init(jax.random.key(0), N + 1)
     with pytest.raises(ValueError, match="chain_length"):
         WasteFreeTempering(model.base, 1)
+
+
+def test_tempered_smc_entry_point(problem):  # noqa: F811
+    """``tempered_smc(..., waste_free=P)`` runs the same model: P − 1 moves per step, no
+    unmixed-move warning, results with the usual fields."""
+    import warnings
+
+    from samplers.tempering import tempered_smc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = tempered_smc(jax.random.key(2), problem["target"], num_particles=N, waste_free=P,
+                           kernel="rwm", progress=False)
+    t = int(res.num_steps)
+    np.testing.assert_array_equal(res.mcmc_steps[1:t], P - 1)
+    assert int(res.num_unmixed_steps) == 0 and np.isfinite(float(res.log_evidence))
+    assert abs(float(res.log_evidence) - problem["log_z"]) < 1.0
+    with pytest.raises(ValueError, match="multiple of chain_length"):
+        tempered_smc(jax.random.key(2), problem["target"], num_particles=N + 1, waste_free=P)
