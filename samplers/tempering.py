@@ -62,7 +62,8 @@ from samplers.mcmc_kernels import AbstractMCMCKernel, get_kernel
 from samplers.resampling import AbstractResampling, log_ess, normalise
 from samplers.smc import SMCResult, smc
 
-__all__ = ["TemperedParticles", "AdaptiveTempering", "TemperedSMCResult", "tempered_smc"]
+__all__ = ["TemperedParticles", "AdaptiveTempering", "TemperedSMCResult", "tempered_smc",
+           "adaptive_mcmc_move", "population_scale"]
 
 
 class TemperedParticles(NamedTuple):
@@ -82,6 +83,68 @@ def _densities(target, z):
     if hasattr(target, "log_densities"):
         return target.log_densities(z)
     return target.log_prior(z), target.log_likelihood(z)
+
+
+def adaptive_mcmc_move(
+    key: PRNGKeyArray,
+    kernel: AbstractMCMCKernel,
+    logdensity: Callable,
+    z0: Float[Array, "N D"],
+    step_size: Float[Array, ""],
+    cov: Float[Array, "D D"],
+    num_mcmc_steps: int,
+    max_mcmc_steps: int,
+    target_jump: float,
+) -> tuple[Float[Array, "N D"], Float[Array, " N"], Float[Array, " N"], Int[Array, " N"]]:
+    r"""MCMC transitions of every particle, invariant for ``logdensity``: ``num_mcmc_steps``, then
+    more while the mean squared jump \(J\) (module docstring) is below ``target_jump`` and fewer
+    than ``max_mcmc_steps`` were made. Returns the positions, each particle's mean acceptance, its
+    squared jump \((z - z_0)^\top \Sigma^{-1} (z - z_0) / D\) and the number of transitions."""
+    prepared = kernel.prepare(step_size, cov)
+    n, d = z0.shape
+    chol = jnp.linalg.cholesky(cov)
+
+    def jumps(z):
+        w = jax.scipy.linalg.solve_triangular(chol, (z - z0).T, lower=True)
+        return jnp.sum(w * w, axis=0) / d
+
+    algo = kernel.build(logdensity, prepared)
+
+    def cond(c):
+        _, states, _, count = c
+        short = ~(jnp.mean(jumps(states.position)) >= target_jump)
+        return (count < num_mcmc_steps) | ((count < max_mcmc_steps) & short)
+
+    def body(c):
+        k, states, acc_sum, count = c
+        k, sub = jax.random.split(k)
+        states, info = jax.vmap(algo.step)(jax.random.split(sub, n), states)
+        return k, states, acc_sum + info.acceptance_rate, count + 1
+
+    init = (key, jax.vmap(algo.init)(z0), jnp.zeros((n,), z0.dtype), jnp.asarray(0, jnp.int32))
+    _, states, acc_sum, count = jax.lax.while_loop(cond, body, init)
+    z = states.position
+    return z, acc_sum / count.astype(acc_sum.dtype), jumps(z), jnp.full((n,), count, jnp.int32)
+
+
+def population_scale(
+    z: Float[Array, "N D"], log_weights: Float[Array, " N"], fallback: Float[Array, "D D"],
+    step_size: Float[Array, ""], acceptance: Float[Array, ""], target_acceptance: float,
+) -> tuple[Float[Array, "D D"], Float[Array, ""]]:
+    r"""The next move's covariance \(\Sigma\) (weighted particle covariance, jittered; ``fallback``
+    when degenerate) and step size (nudged by \(\exp(\text{acceptance} - \text{target})\))."""
+    w = jnp.exp(normalise(log_weights))
+    mean = w @ z
+    zc = z - mean
+    cov = (w[:, None] * zc).T @ zc
+    cov = 0.5 * (cov + cov.T)
+    d = z.shape[1]
+    jitter = 1e-6 * (jnp.trace(cov) / d) + 1e-12
+    cov = cov + jitter * jnp.eye(d, dtype=cov.dtype)
+    cov = jnp.where(jnp.all(jnp.isfinite(cov)) & (jnp.trace(cov) > 0), cov, fallback)
+    step = jnp.where(jnp.isfinite(acceptance),
+                     step_size * jnp.exp(acceptance - target_acceptance), step_size)
+    return cov, step.astype(step_size.dtype)
 
 
 class AdaptiveTempering(AbstractFeynmanKac):
@@ -201,35 +264,11 @@ class AdaptiveTempering(AbstractFeynmanKac):
         ``while_loop``): ``num_mcmc_steps`` of them, then more while the mean squared jump
         \(J <\) ``target_jump`` and fewer than ``max_mcmc_steps`` were made."""
         logdensity = self.tempered_log_density(self.lam)  # λ_{t-1}: adapt has not run yet
-        prepared = self.kernel.prepare(self.step_size, self.cov)
-        z0 = particles.z
-        n, d = z0.shape
-        chol = jnp.linalg.cholesky(self.cov)
-
-        def jumps(z):
-            w = jax.scipy.linalg.solve_triangular(chol, (z - z0).T, lower=True)
-            return jnp.sum(w * w, axis=0) / d
-
-        algo = self.kernel.build(logdensity, prepared)
-        lo, hi = self.num_mcmc_steps, self.max_mcmc_steps
-
-        def cond(c):
-            _, states, _, count = c
-            short = ~(jnp.mean(jumps(states.position)) >= self.target_jump)
-            return (count < lo) | ((count < hi) & short)
-
-        def body(c):
-            k, states, acc_sum, count = c
-            k, sub = jax.random.split(k)
-            states, info = jax.vmap(algo.step)(jax.random.split(sub, n), states)
-            return k, states, acc_sum + info.acceptance_rate, count + 1
-
-        init = (key, jax.vmap(algo.init)(z0), jnp.zeros((n,), z0.dtype), jnp.asarray(0, jnp.int32))
-        _, states, acc_sum, count = jax.lax.while_loop(cond, body, init)
-        z = states.position
+        z, acc, jumps, steps = adaptive_mcmc_move(
+            key, self.kernel, logdensity, particles.z, self.step_size, self.cov,
+            self.num_mcmc_steps, self.max_mcmc_steps, self.target_jump)
         ll = jax.vmap(lambda x: _densities(self.target, x)[1])(z)
-        steps = jnp.full((n,), count, jnp.int32)
-        return TemperedParticles(z, ll, acc_sum / count.astype(acc_sum.dtype), jumps(z), steps)
+        return TemperedParticles(z, ll, acc, jumps, steps)
 
     def log_potential(self, t, previous, particles: TemperedParticles) -> Float[Array, " N"]:
         delta = self.lam - self.lam_prev
@@ -285,26 +324,13 @@ class AdaptiveTempering(AbstractFeynmanKac):
             progress_bar.tick(lam)
         ll = jnp.where(jnp.isnan(particles.log_likelihood), -jnp.inf, particles.log_likelihood)
         delta = lam - self.lam
-        w = jnp.exp(normalise(log_weights + jnp.where(delta > 0, delta * ll, 0.0)))
-        z = particles.z
-        mean = w @ z
-        zc = z - mean
-        cov = (w[:, None] * zc).T @ zc
-        cov = 0.5 * (cov + cov.T)
-        d = z.shape[1]
-        jitter = 1e-6 * (jnp.trace(cov) / d) + 1e-12
-        cov = cov + jitter * jnp.eye(d, dtype=cov.dtype)
-        cov = jnp.where(jnp.all(jnp.isfinite(cov)) & (jnp.trace(cov) > 0), cov, self.cov)
         acc = jnp.mean(particles.acceptance)
-        step = jnp.where(
-            jnp.isfinite(acc),
-            self.step_size * jnp.exp(acc - self.kernel.target_acceptance),
-            self.step_size,
-        )
+        cov, step = population_scale(particles.z, log_weights + jnp.where(delta > 0, delta * ll, 0.0),
+                                     self.cov, self.step_size, acc, self.kernel.target_acceptance)
         return eqx.tree_at(
             lambda m: (m.lam, m.lam_prev, m.step_size, m.cov, m.acceptance, m.jump, m.mcmc_steps),
             self,
-            (lam, self.lam, step.astype(self.step_size.dtype), cov, acc,
+            (lam, self.lam, step, cov, acc,
              jnp.mean(particles.jump), jnp.max(particles.mcmc_steps)),
         )
 
