@@ -95,6 +95,30 @@ class NumpyroModel(eqx.Module):
         log_joint = sum(log_probs.values(), start=jnp.zeros(()))
         return log_joint - log_lik, log_lik
 
+    def pointwise_log_likelihood(self, z: Float[Array, " D"]) -> Float[Array, " n"]:
+        r"""\(\ell_j(z) = \log p(y_j \mid \theta = T(z))\) per observation \(j\): each likelihood site's
+        elementwise log-probability, summed over its trailing axes, the sites' contributions
+        added. Every likelihood site's log-probability must have the same leading (data) axis
+        ``n``; \(\sum_j \ell_j = \log L(z)\)."""
+        params = self.unravel(z)
+        model = substitute(self.model, substitute_fn=partial(_unconstrain_reparam, params))
+        tr = trace(model).get_trace(*self.model_args, **self.model_kwargs)
+        total = None
+        for name in self.likelihood_sites:
+            site = tr[name]
+            lp = site["fn"].log_prob(site["value"])
+            if "scale" in site and site["scale"] is not None:
+                lp = site["scale"] * lp
+            if jnp.ndim(lp) == 0:
+                raise ValueError(f"likelihood site {name!r} has no data axis (a scalar log-probability)")
+            lp = lp.reshape(lp.shape[0], -1).sum(axis=1)
+            if total is not None and total.shape != lp.shape:
+                raise ValueError(
+                    f"likelihood sites disagree on the data axis: {total.shape[0]} and {lp.shape[0]}"
+                )
+            total = lp if total is None else total + lp
+        return total
+
     def log_prior(self, z: Float[Array, " D"]) -> Float[Array, ""]:
         r"""\(\log \pi_0(z)\): log prior of \(T(z)\) plus the log-Jacobian of \(T\)."""
         return self.log_densities(z)[0]
