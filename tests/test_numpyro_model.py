@@ -141,3 +141,25 @@ def test_bad_models(no_shape_checks):
     assert isinstance(nm.model_args[0], jax.Array)
     with pytest.raises(ValueError, match="num_samples"):
         nm.sample_prior(jax.random.PRNGKey(0), 0)
+
+
+def test_pointwise_log_likelihood_sums_to_the_likelihood():
+    import numpyro
+    import numpyro.distributions as dist
+
+    from ppl.numpyro_model import from_numpyro
+
+    def model(x, y):
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", dist.Normal(x @ b, 0.5), obs=y)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(7, 2)), jnp.float32)
+    y = jnp.asarray(np.random.default_rng(1).normal(size=7), jnp.float32)
+    t = from_numpyro(model, x, y)
+    z = jnp.asarray([0.3, -0.2])
+    pw = t.pointwise_log_likelihood(z)
+    assert pw.shape == (7,)
+    np.testing.assert_allclose(float(pw.sum()), float(t.log_likelihood(z)), rtol=1e-6)
+    expect = -0.5 * ((y - x @ z) / 0.5) ** 2 - np.log(0.5 * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(np.asarray(pw), np.asarray(expect), rtol=1e-5, atol=1e-5)
