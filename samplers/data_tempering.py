@@ -195,6 +195,41 @@ class DataTemperedResult(NamedTuple):
     particles: Float[Array, "N D"]
     smc: Any
 
+    def to_inference_data(self, key: PRNGKeyArray | None = None):
+        """arviz ``InferenceData`` as :meth:`samplers.tempering.TemperedSMCResult.to_inference_data`,
+        with the group ``smc_path`` holding, per step, the observations seen, the log predictive
+        density of the batch, ESS, acceptance, jump and MCMC transitions."""
+        import xarray as xr
+
+        from samplers.mcmc_output import to_inference_data
+        from samplers.resampling import Systematic
+
+        key = jax.random.key(0) if key is None else key
+        n = self.log_weights.shape[0]
+        idx = np.asarray(Systematic()(key, self.log_weights, n))
+        idata = to_inference_data({k: np.asarray(v)[idx][None] for k, v in self.samples.items()})
+        k = len(np.asarray(self.seen))
+        path = xr.Dataset(
+            {name: ("step", np.asarray(v)) for name, v in (
+                ("seen", self.seen), ("log_predictive", self.log_predictive), ("ess", self.ess),
+                ("acceptance_rate", self.acceptance_rate), ("jump", self.jump),
+                ("mcmc_steps", self.mcmc_steps))},
+            coords={"step": np.arange(k)},
+            attrs={"log_evidence": float(self.log_evidence),
+                   "num_unmixed_steps": int(self.num_unmixed_steps)},
+        )
+        idata.add_groups({"smc_path": path}, warn_on_custom_groups=False)
+        return idata
+
+    def plot(self, axes=None):
+        """Observations seen and the ESS per step (MCMC transitions on a twin axis)."""
+        from samplers.tempering import plot_smc_path
+
+        k = len(np.asarray(self.seen))
+        return plot_smc_path(np.arange(k), np.asarray(self.seen), np.asarray(self.ess),
+                             np.asarray(self.mcmc_steps), int(self.log_weights.shape[0]),
+                             "observations seen", axes)
+
 
 def data_tempered_smc(
     key: PRNGKeyArray,

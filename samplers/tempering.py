@@ -405,6 +405,14 @@ class TemperedSMCResult(NamedTuple):
         idata.add_groups({"smc_path": path}, warn_on_custom_groups=False)
         return idata
 
+    def plot(self, axes=None):
+        r"""Two panels: the tempering path \(\lambda_t\) (log scale) and the ESS after each step,
+        with the number of MCMC transitions per step on a twin axis. Returns the matplotlib
+        figure (``axes``: two axes to draw into)."""
+        return plot_smc_path(np.arange(int(self.num_steps)), np.asarray(self.lambdas),
+                             np.asarray(self.ess), np.asarray(self.mcmc_steps),
+                             int(self.log_weights.shape[0]), "λ", axes, log_y=True)
+
 
 def tempered_smc(
     key: PRNGKeyArray,
@@ -490,6 +498,30 @@ def tempered_smc(
     )
     _warn(out, fk if waste_free is None else fk.base)
     return out
+
+
+def plot_smc_path(steps, path, ess, mcmc_steps, num_particles: int, label: str, axes=None,
+                  log_y: bool = False):
+    """Shared by the SMC samplers' ``plot`` methods: ``path`` (λ, or observations seen) and the
+    ESS per step, MCMC transitions on a twin axis; returns the figure."""
+    t = len(steps)
+    if axes is None:
+        from matplotlib.figure import Figure  # no pyplot: no global state
+
+        fig = Figure(figsize=(9, 3.2), constrained_layout=True)
+        axes = fig.subplots(1, 2)
+    ax_path, ax_ess = axes
+    ax_path.plot(steps, path[:t], "o-")
+    ax_path.set(xlabel="step", ylabel=label, title=f"path ({label})")
+    if log_y:
+        ax_path.set_yscale("log")
+    ax_ess.plot(steps, ess[:t], "o-", label="ESS")
+    ax_ess.axhline(num_particles, color="k", lw=0.7, ls=":")
+    ax_ess.set(xlabel="step", ylabel="ESS", ylim=(0, 1.05 * num_particles), title="ESS after each step")
+    twin = ax_ess.twinx()
+    twin.bar(steps[1:], mcmc_steps[1:t], alpha=0.25, color="C1", label="MCMC transitions")
+    twin.set_ylabel("MCMC transitions")
+    return ax_path.figure
 
 
 def _warn(out: TemperedSMCResult, fk: AdaptiveTempering) -> None:

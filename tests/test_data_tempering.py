@@ -92,3 +92,22 @@ def test_entry_point_on_a_numpyro_model(problem):  # noqa: F811
     assert abs(float(res.log_evidence) - problem["log_z"]) < 0.5
     np.testing.assert_array_equal(res.seen, np.cumsum(BATCHES))
     assert int(res.num_unmixed_steps) == 0 and res.samples["mu"].shape == (N, 2)
+
+
+def test_inference_data_and_plot(problem, tmp_path):  # noqa: F811
+    from samplers.data_tempering import data_tempered_smc
+    from samplers.tempering import tempered_smc
+
+    res = data_tempered_smc(jax.random.key(5), problem["target"], batch_sizes=BATCHES, num_particles=64)
+    idata = res.to_inference_data()
+    assert idata.posterior["mu"].shape == (1, 64, 2)
+    assert list(idata.smc_path["seen"].values) == list(np.cumsum(BATCHES))
+    np.testing.assert_allclose(float(idata.smc_path["log_predictive"].sum()), float(res.log_evidence),
+                               rtol=1e-5)
+    fig = res.plot()
+    fig.savefig(tmp_path / "dt.png")
+    tem = tempered_smc(jax.random.key(5), problem["target"], num_particles=64, progress=False)
+    tem.plot().savefig(tmp_path / "t.png")
+    for name in ("dt.png", "t.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert len(fig.axes) == 3  # path, ESS and its twin axis
