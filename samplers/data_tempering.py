@@ -34,16 +34,18 @@ from ppl import checks
 from ppl.feynman_kac import AbstractFeynmanKac
 from ppl.numpyro_model import NumpyroModel
 from samplers.mcmc_kernels import AbstractMCMCKernel, get_kernel
-from samplers.tempering import adaptive_mcmc_move, population_scale
+from samplers.tempering import adaptive_mcmc_move, population_scale, warn_unmixed
 
 __all__ = ["DataParticles", "DataTempering", "DataTemperedResult", "data_tempered_smc"]
 
 
 class DataParticles(NamedTuple):
-    """Unconstrained positions and, of the last move, each particle's mean acceptance, squared
-    jump and number of MCMC transitions (NaN / 0 before any move)."""
+    """Unconstrained positions, the log-likelihood of the step's new batch at them (computed once,
+    read by the potential and the adaptation) and, of the last move, each particle's mean
+    acceptance, squared jump and number of MCMC transitions (NaN / 0 before any move)."""
 
     z: Float[Array, "N D"]
+    batch_log_likelihood: Float[Array, " N"]
     acceptance: Float[Array, " N"]
     jump: Float[Array, " N"]
     mcmc_steps: Int[Array, " N"]
@@ -117,6 +119,18 @@ class DataTempering(AbstractFeynmanKac):
         """Observations included after step t."""
         return jnp.asarray(self.ends, jnp.int32)[t]
 
+    def _batch_log_lik(self, t, z: Float[Array, "N D"]) -> Float[Array, " N"]:
+        r"""\(\sum_{j \in B_t} \ell_j(z)\) for every particle."""
+        lo = jnp.where(t > 0, self._seen(jnp.maximum(t - 1, 0)), 0)
+        hi = self._seen(t)
+
+        def one(x):
+            ell = self.target.pointwise_log_likelihood(x)
+            j = jnp.arange(ell.shape[0])
+            return jnp.sum(jnp.where((j >= lo) & (j < hi), ell, 0.0))
+
+        return jax.vmap(one)(z)
+
     def _log_lik_first(self, z, count) -> Float[Array, ""]:
         ell = self.target.pointwise_log_likelihood(z)
         return jnp.sum(jnp.where(jnp.arange(ell.shape[0]) < count, ell, 0.0))
@@ -125,7 +139,8 @@ class DataTempering(AbstractFeynmanKac):
     def init(self, key: PRNGKeyArray, num_particles: int) -> DataParticles:
         z = self.target.sample_prior(key, num_particles)
         nan = jnp.full((num_particles,), jnp.nan, z.dtype)
-        return DataParticles(z, nan, nan, jnp.zeros((num_particles,), jnp.int32))
+        return DataParticles(z, self._batch_log_lik(0, z), nan, nan,
+                             jnp.zeros((num_particles,), jnp.int32))
 
     def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: DataParticles) -> DataParticles:
         seen = self._seen(t - 1)  # π_{t-1}: the batches up to t-1
@@ -136,18 +151,10 @@ class DataTempering(AbstractFeynmanKac):
         z, acc, jumps, steps = adaptive_mcmc_move(
             key, self.kernel, logdensity, particles.z, self.step_size, self.cov,
             self.num_mcmc_steps, self.max_mcmc_steps, self.target_jump)
-        return DataParticles(z, acc, jumps, steps)
+        return DataParticles(z, self._batch_log_lik(t, z), acc, jumps, steps)
 
     def log_potential(self, t, previous, particles: DataParticles) -> Float[Array, " N"]:
-        lo = jnp.where(t > 0, self._seen(jnp.maximum(t - 1, 0)), 0)
-        hi = self._seen(t)
-
-        def batch(z):
-            ell = self.target.pointwise_log_likelihood(z)
-            j = jnp.arange(ell.shape[0])
-            return jnp.sum(jnp.where((j >= lo) & (j < hi), ell, 0.0))
-
-        return jax.vmap(batch)(particles.z)
+        return particles.batch_log_likelihood
 
     def info(self) -> PyTree:
         return {"seen": self._seen(self.step), "acceptance": self.acceptance,
@@ -156,7 +163,7 @@ class DataTempering(AbstractFeynmanKac):
     def adapt(self, t, particles: DataParticles, log_weights) -> "DataTempering":
         """Record step t and set the next move's \\(\\Sigma\\) and step size from the population
         weighted by the new batch (the weights of \\(\\pi_t\\))."""
-        log_g = self.log_potential(t, None, particles)
+        log_g = particles.batch_log_likelihood
         acc = jnp.mean(particles.acceptance)
         cov, step = population_scale(particles.z, log_weights + jnp.where(jnp.isnan(log_g), -jnp.inf, log_g),
                                      self.cov, self.step_size, acc, self.kernel.target_acceptance)
@@ -199,27 +206,13 @@ class DataTemperedResult(NamedTuple):
         """arviz ``InferenceData`` as :meth:`samplers.tempering.TemperedSMCResult.to_inference_data`,
         with the group ``smc_path`` holding, per step, the observations seen, the log predictive
         density of the batch, ESS, acceptance, jump and MCMC transitions."""
-        import xarray as xr
+        from samplers.mcmc_output import smc_inference_data
 
-        from samplers.mcmc_output import to_inference_data
-        from samplers.resampling import Systematic
-
-        key = jax.random.key(0) if key is None else key
-        n = self.log_weights.shape[0]
-        idx = np.asarray(Systematic()(key, self.log_weights, n))
-        idata = to_inference_data({k: np.asarray(v)[idx][None] for k, v in self.samples.items()})
-        k = len(np.asarray(self.seen))
-        path = xr.Dataset(
-            {name: ("step", np.asarray(v)) for name, v in (
-                ("seen", self.seen), ("log_predictive", self.log_predictive), ("ess", self.ess),
-                ("acceptance_rate", self.acceptance_rate), ("jump", self.jump),
-                ("mcmc_steps", self.mcmc_steps))},
-            coords={"step": np.arange(k)},
-            attrs={"log_evidence": float(self.log_evidence),
-                   "num_unmixed_steps": int(self.num_unmixed_steps)},
-        )
-        idata.add_groups({"smc_path": path}, warn_on_custom_groups=False)
-        return idata
+        path = {"seen": self.seen, "log_predictive": self.log_predictive, "ess": self.ess,
+                "acceptance_rate": self.acceptance_rate, "jump": self.jump, "mcmc_steps": self.mcmc_steps}
+        return smc_inference_data(
+            jax.random.key(0) if key is None else key, self.samples, self.log_weights, path,
+            {"log_evidence": float(self.log_evidence), "num_unmixed_steps": int(self.num_unmixed_steps)})
 
     def plot(self, axes=None):
         """Observations seen and the ESS per step (MCMC transitions on a twin axis)."""
@@ -252,8 +245,6 @@ def data_tempered_smc(
     ``ess_threshold`` \(\cdot N\). Called eagerly it warns (``RuntimeWarning``) when a move stopped at
     ``max_mcmc_steps`` below ``target_jump``, besides the engine's warnings.
     """
-    import warnings
-
     from ppl.numpyro_model import from_numpyro
     from samplers.smc import smc
 
@@ -277,12 +268,7 @@ def data_tempered_smc(
         mcmc_steps=info["mcmc_steps"], num_unmixed_steps=jnp.sum(unmixed.astype(jnp.int32)),
         particles=res.particles.z, smc=res,
     )
-    if not isinstance(out.num_unmixed_steps, jax.core.Tracer) and int(out.num_unmixed_steps):
-        warnings.warn(
-            f"data-tempered SMC: {int(out.num_unmixed_steps)} of {fk.num_steps - 1} MCMC moves stopped "
-            f"at max_mcmc_steps={fk.max_mcmc_steps} with the particles still close to where they "
-            "started: the posterior may be too narrow or biased; raise max_mcmc_steps or use "
-            "kernel='hmc' / 'nuts' (result.jump, result.num_unmixed_steps)",
-            RuntimeWarning, stacklevel=2,
-        )
+    if not isinstance(out.num_unmixed_steps, jax.core.Tracer):
+        warn_unmixed("data-tempered SMC", int(out.num_unmixed_steps), fk.num_steps - 1,
+                     np.asarray(out.jump)[1:], fk.max_mcmc_steps, fk.target_jump)
     return out

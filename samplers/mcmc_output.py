@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["to_inference_data"]
+__all__ = ["to_inference_data", "smc_inference_data"]
 
 
 def to_inference_data(
@@ -53,3 +53,25 @@ def to_inference_data(
         dims=dims or None,
         coords=dict(coords) if coords else None,
     )
+
+
+def smc_inference_data(key, samples: Mapping[str, Any], log_weights, path: Mapping[str, Any],
+                       attrs: Mapping[str, Any], sample_stats: Mapping[str, Any] | None = None):
+    """``InferenceData`` of a weighted SMC population: ``posterior`` holds the N particles
+    resampled systematically with ``key`` (one chain of N equally weighted draws), ``sample_stats``
+    the per-particle ``sample_stats`` (leading axis N) at the same indices, and the group
+    ``smc_path`` the per-step arrays of ``path`` (dimension ``step``) with ``attrs``."""
+    import xarray as xr
+
+    from samplers.resampling import Systematic
+
+    n = jax.numpy.shape(log_weights)[0]
+    idx = np.asarray(Systematic()(key, log_weights, n))
+    stats = {k: np.asarray(v)[idx][None] for k, v in (sample_stats or {}).items()}
+    idata = to_inference_data({k: np.asarray(v)[idx][None] for k, v in samples.items()},
+                              sample_stats=stats or None)
+    steps = len(next(iter(path.values())))
+    ds = xr.Dataset({k: ("step", np.asarray(v)) for k, v in path.items()},
+                    coords={"step": np.arange(steps)}, attrs=dict(attrs))
+    idata.add_groups({"smc_path": ds}, warn_on_custom_groups=False)
+    return idata

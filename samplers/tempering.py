@@ -63,7 +63,7 @@ from samplers.resampling import AbstractResampling, log_ess, normalise
 from samplers.smc import SMCResult, smc
 
 __all__ = ["TemperedParticles", "AdaptiveTempering", "TemperedSMCResult", "tempered_smc",
-           "adaptive_mcmc_move", "population_scale"]
+           "adaptive_mcmc_move", "population_scale", "warn_unmixed", "plot_smc_path"]
 
 
 class TemperedParticles(NamedTuple):
@@ -381,29 +381,18 @@ class TemperedSMCResult(NamedTuple):
         ``sample_stats`` their log-likelihood (``total_log_likelihood``), and the group ``smc_path`` the path
         per step (λ, ESS, acceptance, mean squared jump, MCMC transitions) with ``log_evidence``,
         ``num_steps`` and ``num_unmixed_steps`` as attributes. Not under ``jit``."""
-        import xarray as xr
+        from samplers.mcmc_output import smc_inference_data
 
-        from samplers.mcmc_output import to_inference_data
-        from samplers.resampling import Systematic
-
-        key = jax.random.key(0) if key is None else key
-        n = self.log_weights.shape[0]
-        idx = np.asarray(Systematic()(key, self.log_weights, n))
-        post = {k: np.asarray(v)[idx][None] for k, v in self.samples.items()}
-        ll = np.asarray(self.smc.particles.log_likelihood)[idx][None]
-        idata = to_inference_data(post, sample_stats={"total_log_likelihood": ll})
         t = int(self.num_steps)
-        path = xr.Dataset(
-            {name: ("step", np.asarray(v)[:t]) for name, v in (
-                ("lambda", self.lambdas), ("ess", self.ess), ("acceptance_rate", self.acceptance_rate),
-                ("jump", self.jump), ("mcmc_steps", self.mcmc_steps))},
-            coords={"step": np.arange(t)},
-            attrs={"log_evidence": float(self.log_evidence), "num_steps": t,
-                   "num_unmixed_steps": int(self.num_unmixed_steps),
-                   "reached_max_steps": bool(self.reached_max_steps)},
-        )
-        idata.add_groups({"smc_path": path}, warn_on_custom_groups=False)
-        return idata
+        path = {"lambda": self.lambdas, "ess": self.ess, "acceptance_rate": self.acceptance_rate,
+                "jump": self.jump, "mcmc_steps": self.mcmc_steps}
+        return smc_inference_data(
+            jax.random.key(0) if key is None else key, self.samples, self.log_weights,
+            {k: np.asarray(v)[:t] for k, v in path.items()},
+            {"log_evidence": float(self.log_evidence), "num_steps": t,
+             "num_unmixed_steps": int(self.num_unmixed_steps),
+             "reached_max_steps": bool(self.reached_max_steps)},
+            sample_stats={"total_log_likelihood": self.smc.particles.log_likelihood})
 
     def plot(self, axes=None):
         r"""Two panels: the tempering path \(\lambda_t\) (log scale) and the ESS after each step,
@@ -524,22 +513,29 @@ def plot_smc_path(steps, path, ess, mcmc_steps, num_particles: int, label: str, 
     return ax_path.figure
 
 
+def warn_unmixed(sampler: str, bad: int, moves: int, jumps, max_mcmc_steps: int, target_jump: float,
+                 stacklevel: int = 3) -> None:
+    """The ``RuntimeWarning`` of an SMC sampler whose ``bad`` of ``moves`` MCMC moves stopped at
+    ``max_mcmc_steps`` below ``target_jump`` (``jumps``: the per-move mean squared jumps)."""
+    if not bad:
+        return
+    worst = float(np.nanmin(np.asarray(jumps)))
+    warnings.warn(
+        f"{sampler}: {bad} of {moves} MCMC moves stopped at max_mcmc_steps={max_mcmc_steps} with "
+        f"the particles still close to where they started (mean squared jump down to {worst:.3g} < "
+        f"target_jump={target_jump}): the posterior may be too narrow or biased; raise "
+        "max_mcmc_steps or use kernel='hmc' / 'nuts' (result.jump, result.num_unmixed_steps)",
+        RuntimeWarning, stacklevel=stacklevel,
+    )
+
+
 def _warn(out: TemperedSMCResult, fk: AdaptiveTempering) -> None:
     """Warnings after an eager call (silent under a transformation: the fields say it all)."""
     if isinstance(out.num_steps, jax.core.Tracer) or jnp.ndim(out.num_steps) != 0:
         return
-    bad = int(out.num_unmixed_steps)
-    if bad:
-        t = int(out.num_steps)
-        worst = float(np.nanmin(np.asarray(out.jump)[1:t]))
-        warnings.warn(
-            f"tempered SMC: {bad} of {t - 1} MCMC moves stopped at max_mcmc_steps="
-            f"{fk.max_mcmc_steps} with the particles still close to where they started (mean "
-            f"squared jump down to {worst:.3g} < target_jump={fk.target_jump}): the posterior may "
-            "be too narrow or biased; raise max_mcmc_steps or use kernel='hmc' / 'nuts' "
-            "(result.jump, result.num_unmixed_steps)",
-            RuntimeWarning, stacklevel=3,
-        )
+    t = int(out.num_steps)
+    warn_unmixed("tempered SMC", int(out.num_unmixed_steps), t - 1, np.asarray(out.jump)[1:t],
+                 fk.max_mcmc_steps, fk.target_jump, stacklevel=4)
     if bool(out.reached_max_steps):
         warnings.warn(
             f"tempered SMC: λ reached only {float(np.nanmax(np.asarray(out.lambdas))):.3g} < 1 "
