@@ -148,7 +148,7 @@ class DataTempering(AbstractFeynmanKac):
         def logdensity(z):
             return self.target.log_prior(z) + self._log_lik_first(z, seen)
 
-        z, acc, jumps, steps = adaptive_mcmc_move(
+        z, acc, jumps, steps, _ = adaptive_mcmc_move(
             key, self.kernel, logdensity, particles.z, self.step_size, self.cov,
             self.num_mcmc_steps, self.max_mcmc_steps, self.target_jump)
         return DataParticles(z, self._batch_log_lik(t, z), acc, jumps, steps)

@@ -63,7 +63,8 @@ from samplers.resampling import AbstractResampling, log_ess, normalise
 from samplers.smc import SMCResult, smc
 
 __all__ = ["TemperedParticles", "AdaptiveTempering", "TemperedSMCResult", "tempered_smc",
-           "adaptive_mcmc_move", "population_scale", "warn_unmixed", "plot_smc_path"]
+           "adaptive_mcmc_move", "log_likelihood_from_move", "population_scale", "warn_unmixed",
+           "plot_smc_path"]
 
 
 class TemperedParticles(NamedTuple):
@@ -95,11 +96,13 @@ def adaptive_mcmc_move(
     num_mcmc_steps: int,
     max_mcmc_steps: int,
     target_jump: float,
-) -> tuple[Float[Array, "N D"], Float[Array, " N"], Float[Array, " N"], Int[Array, " N"]]:
+) -> tuple[Float[Array, "N D"], Float[Array, " N"], Float[Array, " N"], Int[Array, " N"],
+           Float[Array, " N"]]:
     r"""MCMC transitions of every particle, invariant for ``logdensity``: ``num_mcmc_steps``, then
     more while the mean squared jump \(J\) (module docstring) is below ``target_jump`` and fewer
     than ``max_mcmc_steps`` were made. Returns the positions, each particle's mean acceptance, its
-    squared jump \((z - z_0)^\top \Sigma^{-1} (z - z_0) / D\) and the number of transitions."""
+    squared jump \((z - z_0)^\top \Sigma^{-1} (z - z_0) / D\), the number of transitions and the
+    log-density at the final positions (from the MCMC states: no re-evaluation)."""
     prepared = kernel.prepare(step_size, cov)
     n, d = z0.shape
     chol = jnp.linalg.cholesky(cov)
@@ -124,7 +127,33 @@ def adaptive_mcmc_move(
     init = (key, jax.vmap(algo.init)(z0), jnp.zeros((n,), z0.dtype), jnp.asarray(0, jnp.int32))
     _, states, acc_sum, count = jax.lax.while_loop(cond, body, init)
     z = states.position
-    return z, acc_sum / count.astype(acc_sum.dtype), jumps(z), jnp.full((n,), count, jnp.int32)
+    return (z, acc_sum / count.astype(acc_sum.dtype), jumps(z), jnp.full((n,), count, jnp.int32),
+            states.logdensity)
+
+
+def log_likelihood_from_move(
+    target: Any, lam: Float[Array, ""], z: Float[Array, "N D"], logdensity: Float[Array, " N"],
+    tol: float = 1e-3,
+) -> Float[Array, " N"]:
+    r"""\(\log L(z)\) of moved particles, read from the MCMC states instead of re-evaluated.
+
+    The move's states carry \(\ell = \log \pi_0(z) + \lambda \log L(z)\) at their final positions, so
+    \(\log L = (\ell - \log \pi_0(z)) / \lambda\) costs a prior evaluation only. The rounding error
+    of that difference, about \(2\epsilon (|\ell| + |\log \pi_0|) / \lambda\), enters the next
+    weights multiplied by \(\lambda_{t} - \lambda_{t-1} \le 1 - \lambda\); the cached values are
+    used when that bound is at most ``tol`` nats for every particle (always from moderate
+    \(\lambda\) on in float64; in float32 once \(\lambda\) is not small), otherwise
+    \(\log L\) is evaluated (also at \(\lambda = 0\) and when any \(\ell\) is not finite)."""
+    lp = jax.vmap(lambda x: _densities(target, x)[0])(z)
+    eps = jnp.finfo(logdensity.dtype).eps
+    safe_lam = jnp.where(lam > 0, lam, 1.0)
+    bound = (1.0 - lam) * 2 * eps * jnp.max(jnp.abs(logdensity) + jnp.abs(lp)) / safe_lam
+    use = (lam > 0) & jnp.all(jnp.isfinite(logdensity) & jnp.isfinite(lp)) & (bound <= tol)
+    return jax.lax.cond(
+        use,
+        lambda: (logdensity - lp) / safe_lam,
+        lambda: jax.vmap(lambda x: _densities(target, x)[1])(z).astype(logdensity.dtype),
+    )
 
 
 def population_scale(
@@ -153,7 +182,7 @@ class AdaptiveTempering(AbstractFeynmanKac):
     Args:
         target: a :class:`~ppl.numpyro_model.NumpyroModel`, or any module with ``dim``,
             ``log_prior(z)``, ``log_likelihood(z)`` and ``sample_prior(key, n)`` on \(\mathbb{R}^D\).
-        kernel: the MCMC move, ``"hmc"`` (default), ``"nuts"``, ``"rwm"`` or an
+        kernel: the MCMC move, ``"hmc"`` (default), ``"nuts"``, ``"mala"``, ``"rwm"`` or an
             :class:`~samplers.mcmc_kernels.AbstractMCMCKernel`.
         num_mcmc_steps: MCMC transitions per SMC step, at least.
         max_mcmc_steps: at most (default ``max(50, num_mcmc_steps)``); between the two, the move
@@ -264,10 +293,10 @@ class AdaptiveTempering(AbstractFeynmanKac):
         ``while_loop``): ``num_mcmc_steps`` of them, then more while the mean squared jump
         \(J <\) ``target_jump`` and fewer than ``max_mcmc_steps`` were made."""
         logdensity = self.tempered_log_density(self.lam)  # λ_{t-1}: adapt has not run yet
-        z, acc, jumps, steps = adaptive_mcmc_move(
+        z, acc, jumps, steps, ld = adaptive_mcmc_move(
             key, self.kernel, logdensity, particles.z, self.step_size, self.cov,
             self.num_mcmc_steps, self.max_mcmc_steps, self.target_jump)
-        ll = jax.vmap(lambda x: _densities(self.target, x)[1])(z)
+        ll = log_likelihood_from_move(self.target, self.lam, z, ld)
         return TemperedParticles(z, ll, acc, jumps, steps)
 
     def log_potential(self, t, previous, particles: TemperedParticles) -> Float[Array, " N"]:

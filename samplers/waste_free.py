@@ -32,6 +32,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl import checks
 from ppl.feynman_kac import AbstractFeynmanKac
+from samplers.tempering import log_likelihood_from_move
 
 __all__ = ["WasteFreeTempering"]
 
@@ -65,19 +66,22 @@ class WasteFreeTempering(AbstractFeynmanKac):
         p = self.chain_length
         m = n // p
         k_pick, k_run = jax.random.split(key)
-        starts = z[jax.random.permutation(k_pick, n)[:m]]  # M of the N resampled particles
+        pick = jax.random.permutation(k_pick, n)[:m]
+        starts = z[pick]  # M of the N resampled particles
         logdensity = b.tempered_log_density(b.lam)
         algo = b.kernel.build(logdensity, b.kernel.prepare(b.step_size, b.cov))
 
         def body(states, k):
             states, info = jax.vmap(algo.step)(jax.random.split(k, m), states)
-            return states, (states.position, info.acceptance_rate)
+            return states, (states.position, states.logdensity, info.acceptance_rate)
 
         state0 = jax.vmap(algo.init)(starts)
-        _, (chain, acc) = jax.lax.scan(body, state0, jax.random.split(k_run, p - 1))  # [P-1, M, D]
+        _, (chain, ld, acc) = jax.lax.scan(body, state0, jax.random.split(k_run, p - 1))  # [P-1, M, ...]
         states = jnp.concatenate([starts[None], chain], axis=0)  # [P, M, D]: every state kept
         z_new = states.reshape(n, d)
-        ll = jax.vmap(lambda x: b.target.log_likelihood(x))(z_new)
+        # log L of the chain states from their MCMC states (the starts keep theirs)
+        ll_chain = log_likelihood_from_move(b.target, b.lam, chain.reshape(-1, d), ld.reshape(-1))
+        ll = jnp.concatenate([particles.log_likelihood[pick], ll_chain.astype(particles.log_likelihood.dtype)])
         chol = jnp.linalg.cholesky(b.cov)
         w = jax.scipy.linalg.solve_triangular(chol, (chain[-1] - starts).T, lower=True)
         jump_end = jnp.sum(w * w, axis=0) / d  # chain ends against their starts

@@ -30,8 +30,9 @@ from scipy import stats
 
 from models.conjugate import ConjugateGaussianMean, gaussian_mean_model
 from ppl.numpyro_model import from_numpyro
-from samplers.mcmc_kernels import HMC, NUTS, RandomWalk, get_kernel
-from samplers.tempering import AdaptiveTempering, tempered_smc
+from samplers.mcmc_kernels import HMC, MALA, NUTS, RandomWalk, get_kernel
+from samplers.tempering import (AdaptiveTempering, adaptive_mcmc_move, log_likelihood_from_move,
+                                tempered_smc)
 
 N = 256  # particles
 R = 64  # independent runs per configuration
@@ -208,14 +209,40 @@ def test_schedule(runs):
 
 
 @pytest.mark.slow
-def test_hmc_kernel(problem):
-    """HMC moves (preconditioned by the particle covariance), same checks, fewer runs."""
-    res = _run_many(problem["target"], lambda p: HMC(num_integration_steps=3), jnp.zeros(1), 32, 2)
+@pytest.mark.parametrize("kernel", [HMC(num_integration_steps=3), MALA()], ids=["hmc", "mala"])
+def test_gradient_kernels(problem, kernel):
+    """HMC and MALA moves (preconditioned by the particle covariance), same checks, fewer runs."""
+    res = _run_many(problem["target"], lambda p: kernel, jnp.zeros(1), 32, 2)
     res = _select(res, 0)
     assert not res.reached_max_steps.any()
     z = zscores(res, problem)
-    print("HMC z-scores:", z, "steps", res.num_steps, "acceptance", np.nanmean(res.acceptance_rate))
+    print(type(kernel).__name__, "z-scores:", z, "steps", res.num_steps,
+          "acceptance", np.nanmean(res.acceptance_rate))
     assert passes(z), z
+
+
+def test_log_likelihood_cached_from_the_move(problem):
+    """The move's MCMC states give log L without re-evaluation: equal to the direct value within
+    the documented rounding bound; a broken cache (dividing by the wrong λ) is rejected."""
+    target = problem["target"]
+    lam = jnp.asarray(0.3)
+    fk = AdaptiveTempering(target, num_mcmc_steps=3, max_mcmc_steps=3)
+    fk = eqx.tree_at(lambda m: m.lam, fk, lam)
+
+    @jax.jit
+    def run(key, wrong_lam):
+        z0 = fk.init(key, 64).z
+        logdensity = fk.tempered_log_density(lam)
+        z, *_, ld = adaptive_mcmc_move(key, fk.kernel, logdensity, z0, fk.step_size, fk.cov, 3, 3, 1.0)
+        direct = jax.vmap(target.log_likelihood)(z)
+        return (log_likelihood_from_move(target, lam, z, ld),
+                log_likelihood_from_move(target, wrong_lam, z, ld), direct)
+
+    cached, broken, direct = run(jax.random.key(3), lam * 1.01)
+    scale = np.max(np.abs(np.asarray(direct)))
+    # the bound of log_likelihood_from_move, with (1 - λ) left out: the error itself
+    np.testing.assert_allclose(cached, direct, atol=1e-3 / (1 - 0.3), rtol=0)
+    assert np.max(np.abs(np.asarray(broken) - np.asarray(direct))) > 1e-3 * scale
 
 
 def test_bad_inputs(problem):
