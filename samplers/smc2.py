@@ -62,7 +62,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from ppl import checks, tree
 from ppl import progress as progress_bar
 from ppl.random import fast_key
-from ppl.state_space import StateSpaceModel
+from ppl.state_space import StateSpaceModel, _as_observations, _horizon
 from samplers import smc_kernel
 from samplers.parameters import ParameterSpace, make_params_fn, place_params
 from samplers.pmmh import STUCK_ACCEPTANCE
@@ -402,8 +402,10 @@ def smc2(
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
     if _broken not in (None, "no_jacobian"):
         raise ValueError(f"unknown _broken variant {_broken!r}")
-    fk = ssm.bootstrap(observations)  # checks the observations against the model
-    observations, horizon = fk.observations, fk.num_steps
+    # the checks of ssm.bootstrap: non-finite values and the time axis now, the shape of y_t when
+    # _init is traced (an eager bootstrap would trace its shape check at every call)
+    observations = _as_observations(observations)
+    horizon = _horizon(observations)
     space = ParameterSpace(prior)
     to_params = make_params_fn(ssm.params, space.names, params_fn)
     hooks = _Hooks(jnp.asarray(0.0 if _broken == "no_jacobian" else 1.0),
