@@ -157,6 +157,8 @@ _PAGES = {
         "num_chains=4)                      # 4 chains": "num_chains=2)                      # 2 chains",
         "num_particles=32, num_warmup=200, num_samples=800": "num_particles=8, num_warmup=5, num_samples=5",
         "num_chains=4, theta_update=step": "num_chains=2, theta_update=step",
+        "num_theta_particles=1000, num_x_particles=100)":
+            "num_theta_particles=32, num_x_particles=16, max_num_x_particles=16)",
     },
 }
 
