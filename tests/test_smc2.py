@@ -45,7 +45,7 @@ from samplers.pmmh import pmmh
 from samplers.smc2 import SMC2Result, smc2
 
 T, NTHETA, NX = 30, 128, 64
-R, R_BROKEN, R_DOUBLING = 10, 5, 8
+R, R_BROKEN, R_DOUBLING = 10, 6, 8
 RHO, SX, SY = 0.8, 1.0, 0.5
 FAMILY_ALPHA = 1e-3
 PRIOR = {"rho": dist.Uniform(-1.0, 1.0), "sx": dist.HalfNormal(2.0)}
