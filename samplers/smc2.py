@@ -15,11 +15,12 @@ so that \(\log \hat p(y_{0:T-1}) = \sum_t \log \hat p(y_t \mid y_{0:t-1})\) (\(t
 the extended targets \(\pi_t(\theta, x^{1:N_x}_{0:t}, a) \propto p(\theta)\, \psi_\theta(x, a)\,
 \hat Z_t(\theta, x, a)\), whose θ-marginal is \(p(\theta \mid y_{0:t})\) for any \(N_x\) (the
 pseudo-marginal argument). When the θ-ESS falls below ``ess_threshold`` \(\cdot N_\theta\), the
-θ-particles are resampled (with their whole filters) and rejuvenated by ``num_mcmc_steps`` PMMH moves
-invariant for \(\pi_t\): a Gaussian random walk \(u' = u + L\varepsilon\) on the unconstrained
-\(u = T^{-1}(\theta)\) (:mod:`samplers.parameters`, Jacobian included), \(LL^\top = s^2 (2.38^2/d)\,
-\hat C\) with \(\hat C\) the weighted covariance of the θ-population before resampling; the proposal's
-\(\hat Z_t(\theta')\) is a fresh particle filter on \(y_{0:t}\), accepted with probability
+θ-particles are resampled (with their whole filters) and rejuvenated by ``num_mcmc_steps`` PMMH
+moves invariant for \(\pi_t\): a Gaussian random walk \(u' = u + L\varepsilon\) on the
+unconstrained \(u = T^{-1}(\theta)\) (:mod:`samplers.parameters`, Jacobian included),
+\(LL^\top = s^2 (2.38^2/d)\, \hat C\) with \(\hat C\) the weighted covariance of the θ-population
+before resampling; the proposal's \(\hat Z_t(\theta')\) is a fresh particle filter on \(y_{0:t}\),
+accepted with probability
 
 \[
 \min\left(1, \frac{p_U(u')\, \hat Z_t(\theta')}{p_U(u)\, \hat Z_t(\theta)}\right),
@@ -29,18 +30,19 @@ and an accepted θ' takes the fresh filter's state (particles, log-weights, \(\h
 from \(t\). The fresh filter is a ``lax.while_loop`` over the steps \(1..t\) with \(t\) traced: its
 cost is proportional to \(t\), not to the horizon \(T\).
 
-Growing \(N_x\). The pseudo-marginal moves mix badly when \(\hat Z_t\) gets noisy (its variance grows
-with \(t\)); when a rejuvenation's acceptance rate falls below ``acceptance_threshold``, \(N_x\) is
-doubled by the **exchange step**: every θ-particle gets a fresh filter with \(2N_x\) particles on
-\(y_{0:t}\) and its weight is multiplied by \(\hat Z^{2N_x}_t(\theta) / \hat Z^{N_x}_t(\theta)\), a
-generalised importance sampling step from \(\pi_t^{N_x}\) to \(\pi_t^{2N_x}\) (both have the
-normalising constant \(p(y_{0:t})\); its factor \(\sum_i W^i \hat Z^{2N_x}_i / \hat Z^{N_x}_i\), an
-estimate of 1, enters the log-evidence increment of \(t\) so that the evidence estimate stays an SMC
-sampler's product of increments). Array shapes depend on \(N_x\), so this cannot happen inside one
-compiled program: the Python driver of :func:`smc2` runs a compiled loop over \(t\) (one program per
-\(N_x\)) that stops after a rejuvenation whose acceptance is below the threshold, runs the (compiled)
-exchange step with \(2N_x\), and resumes with the program compiled for \(2N_x\). \(N_x\) never
-exceeds ``max_num_x_particles``, and is not doubled after the last observation.
+Growing \(N_x\). The pseudo-marginal moves mix badly when \(\hat Z_t\) gets noisy (its variance
+grows with \(t\)); when a rejuvenation's acceptance rate falls below ``acceptance_threshold``,
+\(N_x\) is doubled by the **exchange step**: every θ-particle gets a fresh filter with \(2N_x\)
+particles on \(y_{0:t}\) and its weight is multiplied by \(\hat Z^{2N_x}_t(\theta) / \hat
+Z^{N_x}_t(\theta)\), a generalised importance sampling step from \(\pi_t^{N_x}\) to
+\(\pi_t^{2N_x}\). Both have the normalising constant \(p(y_{0:t})\), so the step's factor \(\sum_i
+W^i \hat Z^{2N_x}_i / \hat Z^{N_x}_i\) estimates 1; it enters the log-evidence increment of \(t\),
+so that the evidence estimate stays an SMC sampler's product of increments. Array shapes depend on
+\(N_x\), so this cannot happen inside one compiled program: the Python driver of :func:`smc2` runs a
+compiled loop over \(t\) (one program per \(N_x\)) that stops after a rejuvenation whose acceptance
+is below the threshold, runs the (compiled) exchange step with \(2N_x\), and resumes with the
+program compiled for \(2N_x\). \(N_x\) never exceeds ``max_num_x_particles``, and is not doubled
+after the last observation.
 
 Reference: N. Chopin, P. E. Jacob, O. Papaspiliopoulos (2013). SMC²: an efficient algorithm for
 sequential analysis of state space models. *JRSS B* 75(3), 397–426.
@@ -87,8 +89,8 @@ class SMC2State(NamedTuple):
         t: index of the next observation to assimilate.
         num_nan_potentials: NaN log-potentials met by the θ-particles' filters (each treated as
             \(-\infty\) by the kernel).
-        num_nonfinite: likelihood estimates (incremental, proposals', exchange) that were \(-\infty\)
-            or NaN (the θ-particle gets weight 0; the proposal is rejected).
+        num_nonfinite: likelihood estimates (incremental, proposals', exchange) that were
+            \(-\infty\) or NaN (the θ-particle gets weight 0; the proposal is rejected).
         extinct: at some time every θ-particle had zero weight.
     """
 
@@ -187,8 +189,8 @@ def _log_target(space: ParameterSpace, hooks: _Hooks, u):
 
 
 def _filter_to(key, model, t, cfg: _Config) -> SMCState:
-    r"""A fresh bootstrap filter with ``cfg.num_x`` particles on \(y_{0:t}\) (``t`` traced): ``init``
-    then a ``while_loop`` of kernel steps \(1..t\)."""
+    r"""A fresh bootstrap filter with ``cfg.num_x`` particles on \(y_{0:t}\) (``t`` traced):
+    ``init`` then a ``while_loop`` of kernel steps \(1..t\)."""
     k0, k_loop = jax.random.split(key)
     state = smc_kernel.init(k0, model, cfg.num_x)
 
@@ -204,7 +206,10 @@ def _filter_to(key, model, t, cfg: _Config) -> SMCState:
 
 def _fresh_filters(key, thetas, t, ssm, observations, to_params, cfg):
     n = jax.tree.leaves(thetas)[0].shape[0]
-    run = lambda k, th: _filter_to(k, _model(ssm, observations, to_params, th), t, cfg)  # noqa: E731
+
+    def run(k, theta):
+        return _filter_to(k, _model(ssm, observations, to_params, theta), t, cfg)
+
     return jax.vmap(run)(jax.random.split(key, n), thetas)
 
 

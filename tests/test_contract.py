@@ -246,8 +246,8 @@ def _smc2() -> Entry:
         res = smc2(key, ssm, ys, prior, num_theta_particles=N, num_x_particles=4,
                    max_num_x_particles=4, num_mcmc_steps=1, progress=False)
         # a θ-particle whose filter died has log-weight −inf (documented)
-        return Outputs(res.params, finite=(res.params, res.log_evidence,
-                                           res.log_evidence_increments, res.ess, res.filters.particles),
+        return Outputs(res.params, finite=(res.params, res.log_evidence, res.ess,
+                                           res.log_evidence_increments, res.filters.particles),
                        not_nan=res.log_weights)
 
     like = jax.eval_shape(lambda: {k: d.sample(jax.random.key(0), (1,)) for k, d in prior.items()})

@@ -1,16 +1,16 @@
 """SMC² against exact answers on a linear-Gaussian model, and against PMMH on stochastic volatility.
 
 Linear-Gaussian: θ = (ρ, σ_x) of x_t = ρ x_{t-1} + σ_x ε_t, y_t = x_t + σ_y η_t (σ_y known; x_0
-stationary), priors ρ ~ U(−1, 1), σ_x ~ HalfNormal(2). The reference is quadrature on a fine grid with
-the exact likelihood p_θ(y) of a scalar Kalman filter in float64 NumPy (independent of the JAX code):
-the posterior mean and sd of ρ and σ_x, and the evidence log p(y) = log ∫ p_θ(y) p(θ) dθ.
+stationary), priors ρ ~ U(−1, 1), σ_x ~ HalfNormal(2). The reference is quadrature on a fine grid
+with the exact likelihood p_θ(y) of a scalar Kalman filter in float64 NumPy (independent of the JAX
+code): the posterior mean and sd of ρ and σ_x, and the evidence log p(y) = log ∫ p_θ(y) p(θ) dθ.
 
 Tolerances come from the Monte Carlo error over R independent SMC² runs (fixed keys):
-- posterior moments: each run gives a (weighted) estimate of E[ρ], sd(ρ), E[σ_x], sd(σ_x); their mean
-  over the runs is within a CLT bound of the exact value, |mean − exact| ≤ q · s/√R with s the spread
-  over runs and q the Student-t quantile for R − 1 degrees of freedom at family-wise level 1e-3
-  (Bonferroni over the 4 moments). The O(1/N_θ) bias of a self-normalised, adaptive SMC estimate is
-  far below this bound at these sizes;
+- posterior moments: each run gives a (weighted) estimate of E[ρ], sd(ρ), E[σ_x], sd(σ_x); their
+  mean over the runs is within a CLT bound of the exact value, |mean − exact| ≤ q · s/√R with s the
+  spread over runs and q the Student-t quantile for R − 1 degrees of freedom at family-wise level
+  1e-3 (Bonferroni over the 4 moments). The O(1/N_θ) bias of a self-normalised, adaptive SMC
+  estimate is far below this bound at these sizes;
 - evidence: Ẑ is unbiased, E[Ẑ/Z] = 1: |mean(Ẑ_r/Z) − 1| ≤ 4 · sd/√R (``exact_checks``).
 
 Broken variant: the rejuvenation's random walk without the Jacobian of θ = T(u), which targets
@@ -177,7 +177,8 @@ def test_doubling_num_x_particles(exact):
     ok, mean, se = evidence_check(log_z, exact[1])
     assert ok, f"with the exchange step: E[Ẑ/Z] estimated {mean:.3f} ± {se:.3f}, expected 1"
     z, bound = _z(np.stack([s[0] for s in summaries]), exact[0])
-    assert z.max() < bound, f"SMC² with the exchange step vs quadrature: |z| = {z} (bound {bound:.2f})"
+    assert z.max() < bound, (
+        f"SMC² with the exchange step vs quadrature: |z| = {z} (bound {bound:.2f})")
 
 
 def test_result_fields():
