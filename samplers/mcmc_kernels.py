@@ -56,6 +56,20 @@ class AbstractMCMCKernel(eqx.Module):
     def build(self, logdensity_fn: Callable, prepared: Any) -> blackjax.base.SamplingAlgorithm:
         """The blackjax sampling algorithm for ``logdensity_fn`` with the prepared parameters."""
 
+    def randomize(self, key: PRNGKeyArray, prepared: Any) -> Any:
+        """Parameters of one transition, drawn once for the whole population from the prepared
+        ones (default: unchanged; :class:`HMC` draws its number of leapfrog steps)."""
+        del key
+        return prepared
+
+    def step_population(self, key: PRNGKeyArray, logdensity_fn: Callable, prepared: Any,
+                        states: Any) -> tuple[Any, Any]:
+        """One transition of every particle (``states`` batched over particles, one key each
+        from ``key``; the shared parameters of :meth:`randomize` from ``fold_in(key, 1)``)."""
+        algo = self.build(logdensity_fn, self.randomize(jax.random.fold_in(key, 1), prepared))
+        n = jax.tree.leaves(states)[0].shape[0]
+        return jax.vmap(algo.step)(jax.random.split(key, n), states)
+
     def run(
         self,
         key: PRNGKeyArray,
@@ -68,7 +82,8 @@ class AbstractMCMCKernel(eqx.Module):
         algo = self.build(logdensity_fn, prepared)
 
         def body(state, k):
-            state, info = algo.step(k, state)
+            step = self.build(logdensity_fn, self.randomize(jax.random.fold_in(k, 1), prepared)).step
+            state, info = step(k, state)
             return state, info.acceptance_rate
 
         state, acc = jax.lax.scan(body, algo.init(position), jax.random.split(key, num_steps))
@@ -151,17 +166,37 @@ class MALA(_GradientKernel):
 
 
 class HMC(_GradientKernel):
-    """HMC with inverse mass matrix Σ and ``num_integration_steps`` leapfrog steps of size ε."""
+    r"""HMC with inverse mass matrix Σ and leapfrog steps of size ε: ``num_integration_steps``
+    \(= L\) of them, or with ``random_length`` (default) a number drawn uniformly from
+    \(\{1, \dots, 2L - 1\}\) (mean \(L\)) afresh for each transition, shared by all particles.
+
+    Why random: preconditioned by a good Σ, the posterior looks like a standard Gaussian, on which
+    a trajectory of fixed length \(L\varepsilon\) rotates every coordinate by the same angle; as the
+    step size is tuned towards 0.8 acceptance, \(L\varepsilon\) drifts towards \(\pi\), where a
+    transition reflects \(z \mapsto 2\mu - z\) whatever the momentum: duplicated particles stay
+    duplicates, the population loses spread step after step, and the evidence comes out several
+    nats too high (measured: +4 nats on a 30-dimensional conjugate regression). Randomising the
+    integration time breaks the resonance (Neal 2011, sect. 5.4.2.2; Bou-Rabee & Sanz-Serna 2017)."""
 
     num_integration_steps: int = eqx.field(static=True, default=5)
     acceptance: float = 0.8
+    random_length: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         checks.positive_int("num_integration_steps", self.num_integration_steps)
 
+    def prepare(self, step_size, cov):
+        return step_size, cov, jnp.asarray(self.num_integration_steps, jnp.int32)
+
+    def randomize(self, key, prepared):
+        if not self.random_length:
+            return prepared
+        step_size, cov, _ = prepared
+        return step_size, cov, jax.random.randint(key, (), 1, 2 * self.num_integration_steps)
+
     def build(self, logdensity_fn, prepared):
-        step_size, cov = prepared
-        return blackjax.hmc(logdensity_fn, step_size, cov, self.num_integration_steps)
+        step_size, cov, num_steps = prepared
+        return blackjax.hmc(logdensity_fn, step_size, cov, num_steps)
 
 
 class NUTS(_GradientKernel):

@@ -121,7 +121,7 @@ def adaptive_mcmc_move(
     def body(c):
         k, states, acc_sum, count = c
         k, sub = jax.random.split(k)
-        states, info = jax.vmap(algo.step)(jax.random.split(sub, n), states)
+        states, info = kernel.step_population(sub, logdensity, prepared, states)
         return k, states, acc_sum + info.acceptance_rate, count + 1
 
     init = (key, jax.vmap(algo.init)(z0), jnp.zeros((n,), z0.dtype), jnp.asarray(0, jnp.int32))

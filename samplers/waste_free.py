@@ -69,10 +69,11 @@ class WasteFreeTempering(AbstractFeynmanKac):
         pick = jax.random.permutation(k_pick, n)[:m]
         starts = z[pick]  # M of the N resampled particles
         logdensity = b.tempered_log_density(b.lam)
-        algo = b.kernel.build(logdensity, b.kernel.prepare(b.step_size, b.cov))
+        prepared = b.kernel.prepare(b.step_size, b.cov)
+        algo = b.kernel.build(logdensity, prepared)
 
         def body(states, k):
-            states, info = jax.vmap(algo.step)(jax.random.split(k, m), states)
+            states, info = b.kernel.step_population(k, logdensity, prepared, states)
             return states, (states.position, states.logdensity, info.acceptance_rate)
 
         state0 = jax.vmap(algo.init)(starts)
