@@ -33,10 +33,15 @@ J = \frac{1}{ND} \sum_i (z^i - z_0^i)^\top \Sigma^{-1} (z^i - z_0^i)
 \]
 
 (\(J = 2\) for independent draws; \(J = 2(1 - \rho)\) for an AR(1) chain of lag-correlation
-\(\rho\)), and keeps moving until \(J \ge\) ``target_jump`` (default 1: correlation with the start
-at most 1/2), as
-``particles``' adaptive MCMC sequences do with the jump distance (Chopin & Papaspiliopoulos 2020,
-ch. 17; Dau & Chopin 2022). A stage that reaches ``max_mcmc_steps`` below the target is counted
+\(\rho\)), and the same for the log-density \(\ell = \log\pi_{\lambda}(z)\) carried by the MCMC
+states (no extra evaluation),
+\(J_\ell = \frac1N \sum_i (\ell^i - \ell_0^i)^2 / \widehat{\mathrm{Var}}(\ell_0)\),
+and keeps moving until \(\max(J, J_\ell) \ge\) ``target_jump`` (default 1: correlation with the
+start at most 1/2), as ``particles``' adaptive MCMC sequences do with the jump distance (Chopin &
+Papaspiliopoulos 2020, ch. 17; Dau & Chopin 2022). \(J_\ell\) is there for multimodal posteriors:
+\(\Sigma\) then spans the modes, moves within a mode look short in its metric (\(J\) stalls
+near 0.5 on the zoo's two-mode mixture) while the log-densities, which set the next weights,
+have decorrelated. A stage that reaches ``max_mcmc_steps`` below the target is counted
 and reported (a ``RuntimeWarning`` after :func:`tempered_smc`). The default move is HMC preconditioned
 by Σ, which mixes in dimensions where a random walk does not.
 """
@@ -99,23 +104,36 @@ def adaptive_mcmc_move(
 ) -> tuple[Float[Array, "N D"], Float[Array, " N"], Float[Array, " N"], Int[Array, " N"],
            Float[Array, " N"]]:
     r"""MCMC transitions of every particle, invariant for ``logdensity``: ``num_mcmc_steps``, then
-    more while the mean squared jump \(J\) (module docstring) is below ``target_jump`` and fewer
-    than ``max_mcmc_steps`` were made. Returns the positions, each particle's mean acceptance, its
-    squared jump \((z - z_0)^\top \Sigma^{-1} (z - z_0) / D\), the number of transitions and the
+    more while the mean squared jump \(\max(J, J_\ell)\) (module docstring) is below
+    ``target_jump`` and fewer than ``max_mcmc_steps`` were made. Returns the positions, each
+    particle's mean acceptance, its squared jump (\((z - z_0)^\top \Sigma^{-1} (z - z_0) / D\), or
+    \((\ell - \ell_0)^2 / \widehat{\mathrm{Var}}(\ell_0)\) when \(J_\ell > J\)), the number of
+    transitions and the
     log-density at the final positions (from the MCMC states: no re-evaluation)."""
     prepared = kernel.prepare(step_size, cov)
     n, d = z0.shape
     chol = jnp.linalg.cholesky(cov)
 
-    def jumps(z):
-        w = jax.scipy.linalg.solve_triangular(chol, (z - z0).T, lower=True)
-        return jnp.sum(w * w, axis=0) / d
-
     algo = kernel.build(logdensity, prepared)
+    states0 = jax.vmap(algo.init)(z0)
+    ld0 = states0.logdensity
+    ok0 = jnp.isfinite(ld0)
+    count0 = jnp.maximum(jnp.sum(ok0), 1)
+    ld0_mean = jnp.sum(jnp.where(ok0, ld0, 0.0)) / count0
+    ld0_var = jnp.sum(jnp.where(ok0, (ld0 - ld0_mean) ** 2, 0.0)) / count0
+
+    def jumps(states):
+        r"""Per particle: the squared jump of the position (\(J\)) or of the log-density
+        (\(J_\ell\)), whichever has the larger population mean."""
+        w = jax.scipy.linalg.solve_triangular(chol, (states.position - z0).T, lower=True)
+        jz = jnp.sum(w * w, axis=0) / d
+        dl = states.logdensity - ld0
+        jl = jnp.where(jnp.isfinite(dl) & (ld0_var > 0), dl * dl / jnp.where(ld0_var > 0, ld0_var, 1.0), 0.0)
+        return jnp.where(jnp.mean(jl) > jnp.mean(jz), jl, jz)
 
     def cond(c):
         _, states, _, count = c
-        short = ~(jnp.mean(jumps(states.position)) >= target_jump)
+        short = ~(jnp.mean(jumps(states)) >= target_jump)
         return (count < num_mcmc_steps) | ((count < max_mcmc_steps) & short)
 
     def body(c):
@@ -124,10 +142,10 @@ def adaptive_mcmc_move(
         states, info = kernel.step_population(sub, logdensity, prepared, states)
         return k, states, acc_sum + info.acceptance_rate, count + 1
 
-    init = (key, jax.vmap(algo.init)(z0), jnp.zeros((n,), z0.dtype), jnp.asarray(0, jnp.int32))
+    init = (key, states0, jnp.zeros((n,), z0.dtype), jnp.asarray(0, jnp.int32))
     _, states, acc_sum, count = jax.lax.while_loop(cond, body, init)
     z = states.position
-    return (z, acc_sum / count.astype(acc_sum.dtype), jumps(z), jnp.full((n,), count, jnp.int32),
+    return (z, acc_sum / count.astype(acc_sum.dtype), jumps(states), jnp.full((n,), count, jnp.int32),
             states.logdensity)
 
 
