@@ -139,6 +139,23 @@ class SMC2Result(NamedTuple):
     extinct: Bool[Array, ""]
     filters: SMCState
 
+    def to_inference_data(self, key: PRNGKeyArray | None = None):
+        """arviz ``InferenceData``: ``posterior`` holds the Nθ θ-particles resampled to equal
+        weights (one chain; systematic, with ``key``, default ``jax.random.key(0)``), and the
+        group ``smc_path`` the per-time θ-ESS, log-evidence increments, rejuvenations, their
+        acceptance rates and \\(N_x\\) (dimension ``step`` = observation index), with
+        ``log_evidence`` and the failure counts as attributes. Not under ``jit``."""
+        from samplers.mcmc_output import smc_inference_data
+
+        path = {"ess": self.ess, "log_evidence_increment": self.log_evidence_increments,
+                "resampled": self.resampled, "acceptance_rate": self.acceptance_rate,
+                "num_x_particles": self.num_x_particles, "exchanged": self.exchanged}
+        return smc_inference_data(
+            jax.random.key(0) if key is None else key, self.params, self.log_weights, path,
+            {"log_evidence": float(self.log_evidence),
+             "num_nan_potentials": int(self.num_nan_potentials),
+             "num_nonfinite": int(self.num_nonfinite), "extinct": int(bool(self.extinct))})
+
 
 class _Records(NamedTuple):
     ess: Array

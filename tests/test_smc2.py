@@ -192,6 +192,15 @@ def test_result_fields():
     assert np.all(np.asarray(res.num_x_particles) == NX) and not np.asarray(res.exchanged).any()
     assert abs(float(jax.nn.logsumexp(res.log_weights))) < 1e-4
     assert int(res.num_nan_potentials) == 0 and not bool(res.extinct)
+    idata = res.to_inference_data()
+    assert idata.posterior["rho"].shape == (1, NTHETA)
+    np.testing.assert_allclose(idata.smc_path["ess"].values, np.asarray(res.ess))
+    assert idata.smc_path.attrs["log_evidence"] == float(res.log_evidence)
+    # equally weighted draws: their mean is the weighted mean up to resampling noise
+    w = np.exp(np.asarray(res.log_weights, np.float64))
+    rho = np.asarray(res.params["rho"], np.float64)
+    sd = np.sqrt(w @ (rho - w @ rho) ** 2)
+    assert abs(float(idata.posterior["rho"].mean()) - w @ rho) < 4 * sd / np.sqrt(float(res.ess[-1]))
 
 
 # ------------------------------------------------------------------------------------------------
