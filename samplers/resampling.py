@@ -60,6 +60,11 @@ def offspring_counts(ancestors: Int[Array, " M"], num_particles: int) -> Int[Arr
 
 
 _BLOCK = 32
+# Below this many strata every integer partial sum of the position arithmetic (at most M plus a
+# rounding margin) is exact in float32 (2^24), so it runs as float matmuls; above, in int32.
+_FLOAT_INT_LIMIT = 2**24 - 2**16
+# Block totals up to this many are offset by one dense triangular matmul (rows² work, few kernels).
+_DENSE_ROWS = 32
 
 
 def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
@@ -82,76 +87,191 @@ def _cumsum(x: Float[Array, " N"]) -> Float[Array, " N"]:
     return (within + offsets[:, None]).reshape(-1)[:n]
 
 
+def _int_cumsum(x: Int[Array, " N"], bound: int) -> Int[Array, " N"]:
+    """Exact inclusive cumulative sum of non-negative integers whose total is at most ``bound``
+    (float matmuls below 2^24)."""
+    if bound < _FLOAT_INT_LIMIT:
+        return _cumsum(x.astype(jnp.float32)).astype(jnp.int32)
+    return jnp.cumsum(x.astype(jnp.int32))
+
+
+def _offsets(ints, fracs, float_ints: bool):
+    r"""Exclusive cumulative sums of \(x_b = \mathrm{ints}_b + \mathrm{fracs}_b\) (block totals) as a
+    pair (\(H_b\) int32, \(L_b \in [0, 1)\)): :func:`_split_cumsum` shifted by one, or one dense
+    strictly triangular matmul when there are few blocks (fewer kernels: the common case)."""
+    rows = ints.shape[0]
+    whole = jnp.floor(fracs)
+    fracs = fracs - whole
+    ints = ints + (whole if float_ints else whole.astype(jnp.int32))
+    if rows <= _DENSE_ROWS and float_ints:
+        strict = jnp.triu(jnp.ones((rows, rows), jnp.float32), 1)
+        hp = jax.lax.Precision.HIGHEST
+        oi = jnp.matmul(ints, strict, precision=hp)
+        of = jnp.matmul(fracs, strict, precision=hp)
+        k = jnp.floor(of)
+        return (oi + k).astype(jnp.int32), of - k
+    h, l = _split_cumsum(ints, fracs, float_ints, rows)
+    return (jnp.concatenate([jnp.zeros((1,), jnp.int32), h[:-1]]),
+            jnp.concatenate([jnp.zeros((1,), jnp.float32), l[:-1]]))
+
+
+def _split_cumsum(ints, fracs, float_ints: bool, length: int | None = None):
+    r"""Inclusive cumulative sum of \(x_i = \mathrm{ints}_i + \mathrm{fracs}_i\) as a pair
+    (\(H\) int32, \(L \in [0, 1)\) float32) with \(\sum_{j \le i} x_j \approx H_i + L_i\).
+
+    The integer parts add exactly; the fractional parts are summed within blocks of ``_BLOCK``
+    entries (partial sums \(\le\) ``_BLOCK``) and the block totals, split again into an integer and a
+    fraction, recursively (:func:`_offsets`). Each level adds a rounding error of at most a few
+    units in the last place of ``_BLOCK`` (\(\sim 4 \cdot 10^{-6}\)), so \(H_i + L_i\) is within
+    \(\sim 10^{-5}\) of the exact sum whatever its size (a float32 sum loses
+    \(\sim 10^{-7} \sum_j x_j\)). The result is padded to a multiple of ``_BLOCK`` entries (the padding
+    repeats the total), unless ``length`` is given.
+    """
+    n = ints.shape[0]
+    whole = jnp.floor(fracs)
+    fracs = fracs - whole
+    ints = ints + (whole if float_ints else whole.astype(jnp.int32))
+    if n <= _BLOCK:  # a short scan (no matmul kernel), the fraction renormalised
+        wi, wf = jnp.cumsum(ints), jnp.cumsum(fracs)
+        k = jnp.floor(wf)
+        hi = wi.astype(jnp.int32) + k.astype(jnp.int32)
+        return hi, wf - k
+    rows = -(-n // _BLOCK)
+    pad = rows * _BLOCK - n
+    ib = jnp.pad(ints, (0, pad)).reshape(rows, _BLOCK)
+    fb = jnp.pad(fracs, (0, pad)).reshape(rows, _BLOCK)
+    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), jnp.float32))
+    hp = jax.lax.Precision.HIGHEST
+    wi = jnp.matmul(ib, tri, precision=hp) if float_ints else jnp.cumsum(ib, axis=1)
+    wf = jnp.matmul(fb, tri, precision=hp)
+    hi0, lo0 = _offsets(wi[:, -1], wf[:, -1], float_ints)
+    v = wf + lo0[:, None]
+    k = jnp.floor(v)
+    hi = (wi.astype(jnp.int32) + hi0[:, None] + k.astype(jnp.int32)).reshape(-1)
+    lo = (v - k).reshape(-1)
+    return (hi, lo) if length is None else (hi[:length], lo[:length])
+
+
 def _weights(log_weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    r"""Weights proportional to \(\exp(\log w)\), scaled by the largest (the CDF divides by the total)."""
+    r"""Weights proportional to \(\exp(\log w)\), scaled by the largest (positions divide by the total)."""
     m = jnp.max(log_weights)
     return jnp.exp(log_weights - jnp.where(jnp.isfinite(m), m, 0.0))
 
 
-def _cdf(weights: Float[Array, " N"]) -> Float[Array, " N"]:
-    r"""Normalised cumulative weights \(C_i = \sum_{j \le i} W_j / \sum_j W_j\) (blocked ``_cumsum``).
+def _scaled(weights: Float[Array, " N"], total) -> Float[Array, " N"]:
+    r"""\(E_i = \mathrm{total} \cdot w_i / \sum_j w_j\) (expected offspring counts; 0 if all weights are 0)."""
+    t = jnp.sum(weights)
+    return weights * jnp.where(t > 0, total / jnp.where(t > 0, t, 1.0), 0.0)
 
-    In float32, \(C\) can rise by a rounding error across a zero weight: :func:`_alive` makes sure
-    that such a sliver never revives a killed particle.
+
+def _positions(weights: Float[Array, " N"], total: int):
+    r"""Right edges \(S_i = M C_i\) of the particles on the stratum axis \([0, M)\), \(M\) = ``total``,
+    as a pair (\(H_i\) int32, \(L_i \in [0, 1)\)) with \(S_i = H_i + L_i\), padded to a multiple of
+    ``_BLOCK`` entries with \(S = M\).
+
+    Particle \(i\) owns \([S_{i-1}, S_i)\), of length \(M W_i\). A float32 CDF \(C_i \in [0, 1]\) is only
+    resolved to \(6 \cdot 10^{-8}\), i.e. to \(0.6\) strata at \(M = 10^7\): it gave particles of equal
+    weight 0 or 2 children instead of 1. Here the integer part is exact and the fractional part is
+    accurate to \(\sim 10^{-5}\) strata at any \(M\) (:func:`_split_cumsum`), and the end is pinned to
+    \(S_{N-1} = M\): the relative error \(\delta \approx 10^{-7}\) of the float32 scale
+    \(M / \sum_j w_j\) would move it by \(M \delta\), so \(S\) is corrected by
+    \(-(S_{N-1} - M)\, S_i / S_{N-1}\) (a change of \(\sim M\delta\, W_i\) of each length,
+    \(\sim 10^{-7}\) strata).
     """
-    cumulative = _cumsum(weights)
-    return cumulative / cumulative[-1]
+    n = weights.shape[0]
+    e = _scaled(weights, total)
+    whole = jnp.floor(e)
+    float_ints = total < _FLOAT_INT_LIMIT
+    h, l = _split_cumsum(whole if float_ints else whole.astype(jnp.int32), e - whole, float_ints)
+    end = (h[n - 1] - total).astype(jnp.float32) + l[n - 1]
+    span = h[n - 1].astype(jnp.float32) + l[n - 1]
+    share = (h.astype(jnp.float32) + l) / jnp.where(span > 0, span, 1.0)
+    pad = jnp.arange(h.shape[0]) >= n
+    # S_i = h_i + v_i with v_i within a few units of [0, 1): callers split it with _normal
+    return jnp.where(pad, total, h), jnp.where(pad, 0.0, l - end * share)
+
+
+def _normal(h, v):
+    """``(h + floor(v), v - floor(v))``: the same sum with the fraction in [0, 1)."""
+    k = jnp.floor(v)
+    return h + k.astype(jnp.int32), v - k
 
 
 def _alive(ancestors: Int[Array, " M"], weights: Float[Array, " N"]) -> Int[Array, " M"]:
     r"""Never resample a zero-weight particle.
 
-    The blocked cumulative sum rounds each entry on its own, so \(C_i - C_{i-1}\) can be a rounding
-    error (\(\approx \varepsilon\)) instead of 0 at a killed particle \(i\), and a position can fall in
-    that sliver (probability \(\approx N \varepsilon\) per draw). Such an ancestor is replaced by the largest
-    live ancestor of the draw (an ``argmax`` of the weights costs several times more on CPU): a change of the
-    law at the float-rounding level, which keeps zero-weight particles dead. (An exact running maximum over
-    the CDF does the same but cost ≈ 80–200 µs per resampling at \(N = 10^4\) on CPU.)
+    The blocked cumulative sum rounds each entry on its own, so \(S_i - S_{i-1}\) can be a rounding
+    error (\(\approx 10^{-6}\) strata) instead of 0 at a killed particle \(i\), and a position can fall in
+    that sliver. Such an ancestor is replaced by the largest live ancestor of the draw (an ``argmax``
+    of the weights costs several times more on CPU): a change of the law at the float-rounding level,
+    which keeps zero-weight particles dead. (An exact running maximum over the CDF does the same but
+    cost ≈ 80–200 µs per resampling at \(N = 10^4\) on CPU.)
     """
     alive = jnp.take(weights, ancestors) > 0
     return jnp.where(alive, ancestors, jnp.max(jnp.where(alive, ancestors, 0)))
 
 
-def _sorted_search(weights: Float[Array, " N"], positions: Float[Array, " M"]) -> Int[Array, " M"]:
-    r"""Indices \(i\) with \(C_{i-1} \le u < C_i\) (\(C\) = ``cumsum(W)``) for sorted uniforms
-    \(u \in [0, 1)\)."""
-    cumulative = _cdf(weights)
-    idx = jnp.searchsorted(cumulative, positions, side="right")
-    return _alive(jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32), weights)
-
-
 def _stratified_search(
     weights: Float[Array, " N"], offsets: Float[Array, "*M"], num_samples: int
 ) -> Int[Array, " M"]:
-    r"""Inverse CDF at one position per stratum, \(p_k = (k + u_k) / M\) with \(u_k \in [0, 1]\), in
-    \(O(N + M)\).
+    r"""Inverse CDF at one position per stratum, \(p_k = k + u_k\) on \([0, M)\) with
+    \(u_k \in [0, 1]\), in \(O(N + M)\).
 
-    Returns \(a_k = \#\{i : C_i \le p_k\}\) (clipped to \(N - 1\)), \(C\) the normalised cumulative
-    weights: the same indices as ``searchsorted(C, p, side="right")``. ``offsets`` is one shared
-    \(u\) (systematic) or one per stratum (stratified). The count \(c_i = \#\{k : p_k < C_i\}\) only
-    depends on the strata \(j - 1, j, j + 1\) around \(j = \lfloor M C_i \rfloor\) (all lower strata
-    count, all higher ones do not, whatever the float rounding of \(M C_i\)); then
-    \(a_k = \#\{i : c_i \le k\}\) is a cumulative sum of the histogram of \(c\). This replaces a
-    binary search (\(\log_2 N\) dependent gathers per position).
+    Returns \(a_k = \#\{i : S_i \le p_k\}\) (clipped to \(N - 1\)), \(S_i = H_i + L_i\) the right edges
+    of :func:`_positions`. ``offsets`` is one shared \(u\) (systematic) or one per stratum
+    (stratified). The number of positions below \(S_i\) is \(c_i = H_i + [u_{H_i} < L_i]\) (the
+    strata below \(H_i\) all count, those above none: an exact integer comparison, whatever \(M\));
+    then \(a_k = \#\{i : c_i \le k\}\) is a cumulative sum of the histogram of \(c\). Particle \(i\)
+    gets \(c_i - c_{i-1}\) children, \(\lfloor M W_i \rfloor\) or \(\lceil M W_i \rceil\) for systematic
+    resampling up to the \(\sim 10^{-5}\)-strata rounding of \(S\) (no binary search: that is
+    \(\log_2 N\) dependent gathers per position).
     """
     n = weights.shape[0]
     m = num_samples
-    cumulative = _cdf(weights)
-    shared = jnp.ndim(offsets) == 0
-    j = jnp.clip(jnp.floor(m * cumulative).astype(jnp.int32), 0, m)
-    count = jnp.clip(j - 1, 0, m)
-    for d in (-1, 0, 1):
-        k = j + d
-        valid = (k >= 0) & (k < m)
-        u_k = offsets if shared else jnp.take(offsets, jnp.clip(k, 0, m - 1))
-        p_k = (k + u_k) / m  # the same float operations as (arange(m) + u) / m
-        count = count + (valid & (p_k < cumulative)).astype(jnp.int32)
+    h, l = _normal(*_positions(weights, m))  # padded: the padding's count is m (not counted)
+    inside = (h >= 0) & (h < m)
+    u = offsets if jnp.ndim(offsets) == 0 else jnp.take(offsets, jnp.clip(h, 0, m - 1))
+    count = jnp.clip(h + (inside & (u < l)).astype(jnp.int32), 0, m)
     hist = jnp.zeros(m + 1, jnp.int32).at[count].add(1)
-    if m + 1 < 2**24:  # integer counts are exact in float32 below 2^24
-        ancestors = _cumsum(hist[:m].astype(jnp.float32)).astype(jnp.int32)
-    else:
-        ancestors = jnp.cumsum(hist[:m])
+    ancestors = _int_cumsum(hist[:m], n)
     return _alive(jnp.clip(ancestors, 0, n - 1).astype(jnp.int32), weights)
+
+
+def _multinomial_search(
+    key: PRNGKeyArray, weights: Float[Array, " N"], num_samples: int
+) -> Int[Array, " M"]:
+    r"""\(M\) i.i.d. draws from the categorical law of ``weights`` by inverse CDF, in
+    \(O(N + M \log_2 K)\) (\(K\): the most particles whose edge \(S_i\) falls in one stratum).
+
+    A uniform position on \([0, M)\) is drawn as \(k + v\), \(k\) a uniform integer and \(v \sim U[0, 1)\)
+    (full float32 resolution inside every stratum), and located among the edges
+    \(S_i = H_i + L_i\) of :func:`_positions`: the particles with \(H_i = k\) form one run (a
+    histogram of \(H\)), bisected on \(L\). ``jax.random.categorical`` with ``shape=(M,)`` draws an
+    \(M \times N\) Gumbel array: \(4 \cdot 10^8\) bytes at \(N = M = 10^4\), impossible at \(10^7\).
+    """
+    n = weights.shape[0]
+    m = num_samples
+    h, l = _normal(*_positions(weights, m))
+    k_int, k_frac = jax.random.split(key)
+    k = jax.random.randint(k_int, (m,), 0, m, dtype=jnp.int32)
+    v = jax.random.uniform(k_frac, (m,))
+    per_stratum = jnp.zeros(m + 1, jnp.int32).at[jnp.clip(h, 0, m)].add(1)
+    at_most = _int_cumsum(per_stratum, n)  # at_most[k] = #{i : H_i <= k}
+    hi = jnp.take(at_most, k)
+    lo = hi - jnp.take(per_stratum, k)
+
+    def cond(c):
+        return jnp.any(c[0] < c[1])
+
+    def body(c):
+        lo, hi = c
+        active = lo < hi
+        mid = (lo + hi) // 2
+        right = jnp.take(l, jnp.clip(mid, 0, n - 1)) <= v
+        return jnp.where(active & right, mid + 1, lo), jnp.where(active & ~right, mid, hi)
+
+    lo, _ = jax.lax.while_loop(cond, body, (lo, hi))
+    return _alive(jnp.clip(lo, 0, n - 1).astype(jnp.int32), weights)
 
 
 class AbstractResampling(eqx.Module):
@@ -190,12 +310,10 @@ class Multinomial(AbstractResampling):
 
     def __call__(self, key, log_weights, num_samples=None):
         m = log_weights.shape[0] if num_samples is None else num_samples
-        return jax.random.categorical(key, log_weights, shape=(m,)).astype(jnp.int32)
+        return _multinomial_search(key, _weights(log_weights), m)
 
     def _conditional_at_zero(self, key, weights):
-        n = weights.shape[0]
-        a = jax.random.categorical(key, jnp.log(weights), shape=(n,)).astype(jnp.int32)
-        return a.at[0].set(0)
+        return _multinomial_search(key, weights, weights.shape[0]).at[0].set(0)
 
 
 def _tilted_bernoulli_for_first(key, weights, m_total):
@@ -259,20 +377,22 @@ class Residual(AbstractResampling):
 
     def __call__(self, key, log_weights, num_samples=None):
         m = log_weights.shape[0] if num_samples is None else num_samples
-        weights = jnp.exp(normalise(log_weights))
-        return self._residual(key, weights, m, force_first=False)
+        return self._residual(key, _weights(log_weights), m, force_first=False)
 
     def _residual(self, key, weights, m, force_first):
+        # expected counts M W_i = M w_i / sum_j w_j with one float32 scale: exact for equal weights
+        # (M W_i = 1 stays 1, where exp(-log N) * N rounds to 0.99999994 at N = 10^7)
         n = weights.shape[0]
-        copies = jnp.floor(m * weights).astype(jnp.int32)
+        expected = _scaled(weights, m)
+        copies = jnp.floor(expected).astype(jnp.int32)
         n_det = jnp.sum(copies)
-        residual = jnp.clip(m * weights - copies, 0.0, None)
-        # deterministic part: slot j < n_det maps to the particle whose cumulative count exceeds j
-        cum = jnp.cumsum(copies)
+        residual = jnp.clip(expected - copies, 0.0, None)
+        # deterministic part: slot j < n_det maps to the particle whose cumulative count exceeds j,
+        # #{i : cum_i <= j} (a histogram of the cumulative counts, O(N + M))
+        cum = _int_cumsum(copies, m + n)
         slots = jnp.arange(m)
-        det = jnp.searchsorted(cum, slots, side="right").astype(jnp.int32)
-        log_r = jnp.log(residual)
-        draws = jax.random.categorical(key, log_r, shape=(m,)).astype(jnp.int32)
+        det = _int_cumsum(jnp.zeros(m + 1, jnp.int32).at[jnp.clip(cum, 0, m)].add(1)[:m], n)
+        draws = _multinomial_search(key, residual, m)
         # a forced residual draw of particle 0 (conditional form) goes to the first random slot
         draws = jnp.where(force_first & (slots == n_det), 0, draws)
         a = jnp.where(slots < n_det, jnp.clip(det, 0, n - 1), draws)
@@ -283,9 +403,10 @@ class Residual(AbstractResampling):
         # k/(k + R r_0) · (untilted) + R r_0/(k + R r_0) · (one residual draw forced to 0).
         n = weights.shape[0]
         k_mix, k_draw = jax.random.split(key)
-        k = jnp.floor(n * weights[0])
-        r_total = n - jnp.sum(jnp.floor(n * weights))
-        r0 = n * weights[0] - k
+        expected = _scaled(weights, n)  # the same expected counts as _residual
+        k = jnp.floor(expected[0])
+        r_total = n - jnp.sum(jnp.floor(expected))
+        r0 = expected[0] - k
         p_force = r0 / (k + r0)  # R · (r0 / R) = r0
         p_force = jnp.where(k + r0 > 0, p_force, 1.0)
         force = jax.random.bernoulli(k_mix, p_force) & (r_total > 0)

@@ -1,9 +1,11 @@
-"""The O(N) inverse CDF behind stratified and systematic resampling, against ``searchsorted``.
+"""The O(N) inverse CDF behind stratified and systematic resampling, against a float64 search.
 
-``_stratified_search(W, u, M)`` must return exactly ``searchsorted(C, (k + u_k) / M, "right")``
-(clipped to N − 1) for the same cumulative weights C, for shared (systematic) and per-stratum
-(stratified) offsets, M ≠ N and zero weights; ``_cumsum`` must match a float64 cumulative sum
-within the float32 worst-case rounding bound n · eps · Σ|x|. Both checks reject broken versions.
+``_stratified_search(W, u, M)`` must return ``searchsorted(S, k + u_k, "right")`` (clipped to
+N − 1) for the float64 right edges S = M · cumsum(W) / ΣW on the stratum axis, for shared
+(systematic) and per-stratum (stratified) offsets, M ≠ N and zero weights; positions within 1e-4
+strata of an edge may go either way (the float32 edges are accurate to ~1e-5 strata, see
+``_positions``). ``_cumsum`` must match a float64 cumulative sum within the float32 worst-case
+rounding bound n · eps · Σ|x|. Both checks reject broken versions.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import pytest
 from samplers.resampling import _cumsum, _stratified_search, normalise
 
 CASES = [(1, 4), (33, 12), (1000, 1000), (4097, 8195)]
+EDGE = 1e-4  # strata: positions this close to an edge are not compared
 
 
 def _reference(weights, u, m):
-    cumulative = _cumsum(weights)
-    cumulative = cumulative / cumulative[-1]
-    positions = (jnp.arange(m) + u) / m
-    idx = jnp.searchsorted(cumulative, positions, side="right")
-    return jnp.clip(idx, 0, weights.shape[0] - 1).astype(jnp.int32)
+    """(float64 ancestors, mask of positions farther than EDGE from every edge)."""
+    w = np.asarray(weights, np.float64)
+    edges = m * np.cumsum(w) / w.sum()
+    positions = np.arange(m) + np.broadcast_to(np.asarray(u, np.float64), (m,))
+    idx = np.clip(np.searchsorted(edges, positions, side="right"), 0, w.shape[0] - 1)
+    near = np.searchsorted(edges, positions - EDGE) != np.searchsorted(edges, positions + EDGE)
+    return idx, ~near
 
 
 def _off_by_one(weights, u, m):
@@ -45,8 +50,12 @@ def _cases(n, m, key):
 @jax.jit
 def _both(weights, u_shared, u_strata):
     m = u_strata.shape[0]
-    return [(_stratified_search(weights, u, m), _reference(weights, u, m))
-            for u in (u_shared, u_strata)]
+    return [_stratified_search(weights, u, m) for u in (u_shared, u_strata)]
+
+
+def _agrees(got, weights, u, m):
+    want, compared = _reference(weights, u, m)
+    return np.array_equal(np.asarray(got)[compared], want[compared]), compared.mean()
 
 
 @pytest.mark.parametrize("n,m", CASES)
@@ -54,19 +63,18 @@ def test_matches_searchsorted(n, m):
     cases = list(_cases(n, m, jax.random.key(n * 7919 + m)))
     for i in range(0, len(cases), 2):  # (shared, per-stratum) offsets for one weight vector
         (weights, u_shared), (_, u_strata) = cases[i], cases[i + 1]
-        for got, want in _both(weights, u_shared, u_strata):
-            got = np.asarray(got)
-            np.testing.assert_array_equal(got, np.asarray(want), err_msg=f"case {i}")
-            assert np.all(np.asarray(weights)[got] > 0), "a zero-weight particle was selected"
+        for got, u in zip(_both(weights, u_shared, u_strata), (u_shared, u_strata)):
+            ok, frac = _agrees(got, weights, u, m)
+            assert ok, f"case {i}"
+            assert frac > 0.99  # nearly every position is compared
+            assert np.all(np.asarray(weights)[np.asarray(got)] > 0), "a zero-weight particle was selected"
 
 
 def test_comparison_rejects_broken_search():
     n = m = 1000
     broken = jax.jit(_off_by_one, static_argnums=2)
-    reference = jax.jit(_reference, static_argnums=2)
     weights, u = next(_cases(n, m, jax.random.key(0)))
-    got, want = broken(weights, u, m), reference(weights, u, m)
-    assert not np.array_equal(np.asarray(got), np.asarray(want))
+    assert not _agrees(broken(weights, u, m), weights, u, m)[0]
 
 
 def _cumsum_ok(fn, x) -> bool:
