@@ -42,6 +42,7 @@ from ppl import checks, tree
 from ppl.feynman_kac import AbstractFeynmanKac
 from samplers.gather import IN_PLACE_MIN_ROW_BYTES, resample_rows, row_bytes
 from samplers.resampling import AbstractResampling, get_resampling, normalise
+from samplers.resampling import ess as ess_of
 
 __all__ = ["SMCState", "SMCInfo", "init", "step", "resample_final"]
 
@@ -314,9 +315,11 @@ def step(
             # rows are overwritten, in place; with the identity nothing is copied
             previous, ancestors = resample_rows(particles, ancestors)
         else:
-            previous = jax.lax.cond(flag, lambda p: tree.gather(p, ancestors), lambda p: p, particles)
-        log_w_anc = jnp.take(log_w, ancestors)
-        log_w = jnp.where(flag, -log_n + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
+            previous = jax.lax.cond(
+                flag, lambda p: resampling.gather(p, ancestors), lambda p: p, particles)
+        log_w_anc = resampling.gather(log_w, ancestors)
+        after = resampling.log_weights_after(sg_log_w)  # -log N, or islands' masses
+        log_w = jnp.where(flag, after + log_w_anc - jax.lax.stop_gradient(log_w_anc), log_w)
 
     # 2. move (finished particles stay); only the model's view of x_{t-1} outlives the move
     done = mdl.done(previous)
@@ -370,10 +373,13 @@ def resample_final(
     """
     resampling = get_resampling(resampling)
     n = state.log_weights.shape[0]
-    a = resampling(key, jax.lax.stop_gradient(state.log_weights), n).astype(jnp.int32)
-    lw_a = jnp.take(state.log_weights, a)
+    sg_log_w = jax.lax.stop_gradient(state.log_weights)
+    a = resampling(key, sg_log_w, n).astype(jnp.int32)
+    lw_a = resampling.gather(state.log_weights, a)
+    after = resampling.log_weights_after(sg_log_w)  # -log N (islands: each island's mass)
+    ess = jnp.asarray(n, state.ess.dtype) if isinstance(after, float) else ess_of(after)
     return state._replace(
-        particles=tree.gather(state.particles, a),
-        log_weights=-math.log(n) + lw_a - jax.lax.stop_gradient(lw_a),
-        ess=jnp.asarray(n, state.ess.dtype),
+        particles=resampling.gather(state.particles, a),
+        log_weights=after + lw_a - jax.lax.stop_gradient(lw_a),
+        ess=ess,
     ), a
