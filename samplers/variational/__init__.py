@@ -1,0 +1,69 @@
+r"""Variational inference over the toolkit's models: every objective is \(\mathbb{E}[\log \hat Z]\).
+
+- :mod:`~samplers.variational.objectives`: ELBO, IWAE(K), Rényi-α and the SMC bound, over numpyro
+  models (a family on the unconstrained latents) and Feynman-Kac models; gradient estimators
+  (reparameterisation, score function with a control variate, sticking-the-landing);
+- :mod:`~samplers.variational.families`: mean-field and full-rank Gaussians, flowjax flows;
+- :mod:`~samplers.variational.optimise`: ``init``/``step`` with any optax optimiser and ``fit``.
+"""
+
+from samplers.variational.families import (
+    AbstractFamily,
+    FlowFamily,
+    FullRankGaussian,
+    MeanFieldGaussian,
+    coupling_flow,
+)
+from samplers.variational.objectives import (
+    ELBO,
+    IWAE,
+    AbstractGradientEstimator,
+    AbstractObjective,
+    ImportanceModel,
+    RenyiBound,
+    Reparameterisation,
+    SMCBound,
+    ScoreFunction,
+    StickingTheLanding,
+    bound,
+    elbo,
+    get_estimator,
+    iwae,
+    loss,
+    path_log_weights,
+    renyi_bound,
+    smc_bound,
+)
+from samplers.variational.optimise import VIInfo, VIResult, VIState, fit, init, step
+
+__all__ = [
+    "AbstractFamily",
+    "MeanFieldGaussian",
+    "FullRankGaussian",
+    "FlowFamily",
+    "coupling_flow",
+    "AbstractObjective",
+    "ELBO",
+    "IWAE",
+    "RenyiBound",
+    "SMCBound",
+    "AbstractGradientEstimator",
+    "Reparameterisation",
+    "ScoreFunction",
+    "StickingTheLanding",
+    "get_estimator",
+    "ImportanceModel",
+    "bound",
+    "loss",
+    "elbo",
+    "iwae",
+    "renyi_bound",
+    "smc_bound",
+    "path_log_weights",
+    "VIState",
+    "VIInfo",
+    "VIResult",
+    "init",
+    "step",
+    "fit",
+]
