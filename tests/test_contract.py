@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 
 from models.linear_gaussian import LGSSMParams, lgssm
@@ -45,6 +46,7 @@ from samplers.smoothing import ffbs, mcmc_backward_sampling, sample_genealogy
 from samplers.tempering import AdaptiveTempering, tempered_smc
 from samplers.waste_free import WasteFreeTempering
 from samplers.data_tempering import DataTempering
+from samplers import variational as vi
 
 N = 8  # particles
 T = 5  # steps of the state-space models
@@ -304,6 +306,32 @@ def _search(method: Callable, *args, lead: int, scored: bool = True) -> Entry:
     return Entry(run, _one_particle(model), (lead,))
 
 
+def _dict_proposal(p, t, x_prev, y):
+    loc = p["b"] * y if x_prev is None else p["a"] * x_prev + p["b"] * y
+    return dist.Normal(loc, 1.0)
+
+
+def _variational(objective) -> Entry:
+    """A few optimiser steps of ``vi.fit``: a mean-field guide on a numpyro model, or a learned
+    proposal of a guided filter (Feynman-Kac target) for the SMC bound."""
+    opt = optax.adam(1e-2)
+    if isinstance(objective, vi.SMCBound):
+        ssm = StateSpaceModel(_dict_init, _dict_trans, _dict_obs, {"q": jnp.asarray(1.0)})
+        _, ys = ssm.simulate(jax.random.key(0), T)
+        target = lambda phi: ssm.with_params({"q": jnp.asarray(1.0), **phi}).guided(  # noqa: E731
+            ys, _dict_proposal)
+        params = {"a": jnp.asarray(0.5), "b": jnp.asarray(0.5)}
+    else:
+        target = from_numpyro(_numpyro_normal, jnp.linspace(-0.5, 0.5, 5))
+        params = vi.MeanFieldGaussian.init(1)
+
+    def run(key):
+        res = vi.fit(key, params, objective, target, opt, 4, chunk_size=2, progress=False)
+        return Outputs(None, finite=(res.losses, res.params, res.state.opt_state))
+
+    return Entry(run, None, ())
+
+
 def _parallel_tempering() -> Entry:
     ssm, xs, ys = _lgssm()
     model = ssm.bootstrap(ys)
@@ -346,6 +374,9 @@ REGISTRY: dict[str, Callable[[], Entry]] = {
     "beam-search": lambda: _search(beam_search, 2, 2, lead=2),
     "dvts": lambda: _search(dvts, 2, 2, lead=2),
     "parallel-tempering": _parallel_tempering,
+    "variational-elbo": lambda: _variational(vi.ELBO(2)),
+    "variational-iwae": lambda: _variational(vi.IWAE(4, 2)),
+    "variational-smc-bound": lambda: _variational(vi.SMCBound(N, 2, ess_threshold=1.0)),
 }
 
 
@@ -429,7 +460,7 @@ def test_registry_covers_every_sampler():
                "waste_free",
                "data_tempering",
                "parallel_tempering", "best_of_n", "weighted_best_of_n", "self_consistency",
-               "beam_search", "dvts"}
+               "beam_search", "dvts", "variational"}
     assert len(REGISTRY) >= len(covered)
     import pkgutil
 
@@ -437,7 +468,7 @@ def test_registry_covers_every_sampler():
     import samplers.search
 
     helpers = {"gather", "resampling", "mcmc_kernels", "mcmc_output", "parameters", "base",
-               "search", "sharding"}
+               "search", "sharding", "calibration"}
     found = {m.name for pkg in (samplers, samplers.search) for m in pkgutil.iter_modules(pkg.__path__)}
     assert found - helpers <= covered, f"samplers without a contract entry: {found - helpers - covered}"
 
