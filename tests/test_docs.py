@@ -152,6 +152,7 @@ _PAGES = {
     "docs/llm_runtime.md": {},
     "docs/llm_as_ssm.md": {},
     "docs/diffusion.md": {},
+    "docs/variational.md": {"num_steps=500,": "num_steps=50,"},
     "docs/scaling.md": {},
     "docs/particle_mcmc.md": {
         "num_particles=256, num_warmup=1000, num_samples=2000": "num_particles=32, num_warmup=20, num_samples=20",
