@@ -48,7 +48,6 @@ SETTINGS = {
     "eight_schools": ((64, 256), 16),
     "gaussian_mixture": ((64, 256), 12),
     "hierarchical_poisson": ((128,), 8),
-    "logistic_regression": ((64,), 8),
     "stochastic_volatility": ((256,), 8),
 }
 NAMES = [e.name for e in ZOO]
@@ -188,16 +187,19 @@ def test_zoo_entries_and_references():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The logistic regression's reference is checked by tests/test_tempering.py (defaults at N = 512,
+# the same stored NUTS run), which saves this file its costliest compilation.
+@pytest.mark.parametrize("name", list(SETTINGS))
 def test_smc_matches_reference(name, zoo_runs):
     entry = get(name)
     counts, num_runs = SETTINGS[name]
     runs = zoo_runs(name, counts[-1])
     assert not runs["failed"].any()
     if name != "gaussian_mixture":
-        # On the bimodal posterior the jump J (measured in the metric of the population covariance,
-        # which spans both modes) can reach only about 1 with within-mode moves, so a move now and
-        # then stops at max_mcmc_steps; it is still a valid move, and the checks below still hold.
+        # On the bimodal posterior the position jump J (in the metric of the population covariance,
+        # which spans both modes) reaches only about 1 with within-mode moves; the log-density
+        # jump J_ℓ (samplers.tempering) covers most moves, but a few (2 in these 12 runs at
+        # N = 256) still stop at max_mcmc_steps. They are valid moves, and the checks below hold.
         assert runs["num_unmixed_steps"].sum() == 0
     z = zscores(runs, entry.reference(), entry.sites)
     ok, worst, crit = passes(z, num_runs)
@@ -205,7 +207,7 @@ def test_smc_matches_reference(name, zoo_runs):
     assert ok, (worst, crit)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if len(SETTINGS[n][0]) == 2])
+@pytest.mark.parametrize("name", [n for n in SETTINGS if len(SETTINGS[n][0]) == 2])
 def test_log_evidence_consistent_across_particle_counts(name, zoo_runs):
     counts, num_runs = SETTINGS[name]
     (a, se_a), (b, se_b) = (log_z_estimate(zoo_runs(name, n)) for n in counts)
