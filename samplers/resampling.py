@@ -21,7 +21,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ppl import checks, tree
 
@@ -116,7 +116,7 @@ def _offsets(ints, fracs, float_ints: bool):
             jnp.concatenate([jnp.zeros((1,), jnp.float32), l[:-1]]))
 
 
-def _split_cumsum(ints, fracs, float_ints: bool, length: int | None = None):
+def _split_cumsum(ints, fracs, float_ints: bool, length: int | None = None, flat: bool = True):
     r"""Inclusive cumulative sum of \(x_i = \mathrm{ints}_i + \mathrm{fracs}_i\) as a pair
     (\(H\) int32, \(L \in [0, 1)\) float32) with \(\sum_{j \le i} x_j \approx H_i + L_i\).
 
@@ -127,7 +127,8 @@ def _split_cumsum(ints, fracs, float_ints: bool, length: int | None = None):
     the sum (a float32 sum resolves \(\sim 10^{-7} \sum_j x_j\)); globally the rounding errors of
     the block totals add up, a slowly varying drift (measured: \(4 \cdot 10^{-3}\) after
     \(10^7\) terms summing to \(10^7\), against \(\sim 1\) for a float32 cumulative sum). The result is padded to a multiple of ``_BLOCK`` entries (the padding
-    repeats the total), unless ``length`` is given.
+    repeats the total), unless ``length`` is given; with ``flat=False``, as [blocks, ``_BLOCK``]
+    (a reshape in the consumer's fusion costs index arithmetic per element on CPU).
     """
     n = ints.shape[0]
     whole = jnp.floor(fracs)
@@ -137,7 +138,7 @@ def _split_cumsum(ints, fracs, float_ints: bool, length: int | None = None):
         wi, wf = jnp.cumsum(ints), jnp.cumsum(fracs)
         k = jnp.floor(wf)
         hi = wi.astype(jnp.int32) + k.astype(jnp.int32)
-        return hi, wf - k
+        return (hi, wf - k) if flat else (hi[None], (wf - k)[None])
     rows = -(-n // _BLOCK)
     pad = rows * _BLOCK - n
     ib = jnp.pad(ints, (0, pad)).reshape(rows, _BLOCK)
@@ -149,8 +150,11 @@ def _split_cumsum(ints, fracs, float_ints: bool, length: int | None = None):
     hi0, lo0 = _offsets(wi[:, -1], wf[:, -1], float_ints)
     v = wf + lo0[:, None]
     k = jnp.floor(v)
-    hi = (wi.astype(jnp.int32) + hi0[:, None] + k.astype(jnp.int32)).reshape(-1)
-    lo = (v - k).reshape(-1)
+    hi = wi.astype(jnp.int32) + hi0[:, None] + k.astype(jnp.int32)
+    lo = v - k
+    if not flat:
+        return hi, lo
+    hi, lo = hi.reshape(-1), lo.reshape(-1)
     return (hi, lo) if length is None else (hi[:length], lo[:length])
 
 
@@ -168,8 +172,8 @@ def _scaled(weights: Float[Array, " N"], total) -> Float[Array, " N"]:
 
 def _positions(weights: Float[Array, " N"], total: int):
     r"""Right edges \(S_i = M C_i\) of the particles on the stratum axis \([0, M)\), \(M\) = ``total``,
-    as a pair (\(H_i\) int32, \(L_i \in [0, 1)\)) with \(S_i = H_i + L_i\), padded to a multiple of
-    ``_BLOCK`` entries with \(S = M\).
+    as a pair (\(H_i\) int32, \(L_i\) float32) with \(S_i = H_i + L_i\) (\(L_i\) within a few units of
+    \([0, 1)\): :func:`_normal` brings it there), shaped [blocks, ``_BLOCK``], the padding at \(S = M\).
 
     Particle \(i\) owns \([S_{i-1}, S_i)\), of length \(M W_i\). A float32 CDF \(C_i \in [0, 1]\) is only
     resolved to \(6 \cdot 10^{-8}\), i.e. to \(0.6\) strata at \(M = 10^7\): it gave particles of equal
@@ -187,13 +191,21 @@ def _positions(weights: Float[Array, " N"], total: int):
     e = _scaled(weights, total)
     whole = jnp.floor(e)
     float_ints = total < _FLOAT_INT_LIMIT
-    h, l = _split_cumsum(whole if float_ints else whole.astype(jnp.int32), e - whole, float_ints)
-    end = (h[n - 1] - total).astype(jnp.float32) + l[n - 1]
-    span = h[n - 1].astype(jnp.float32) + l[n - 1]
-    share = (h.astype(jnp.float32) + l) / jnp.where(span > 0, span, 1.0)
-    pad = jnp.arange(h.shape[0]) >= n
-    # S_i = h_i + v_i with v_i within a few units of [0, 1): callers split it with _normal
-    return jnp.where(pad, total, h), jnp.where(pad, 0.0, l - end * share)
+    h, l = _split_cumsum(whole if float_ints else whole.astype(jnp.int32), e - whole, float_ints,
+                         flat=False)  # [blocks, _BLOCK]
+    last = ((n - 1) // _BLOCK, (n - 1) % _BLOCK)
+    end = (h[last] - total).astype(jnp.float32) + l[last]
+    span = h[last].astype(jnp.float32) + l[last]
+    slope = end / jnp.where(span > 0, span, 1.0)  # one scalar division, not one per particle
+    # S_i = h_i + v_i with v_i within a few units of [0, 1) (callers split it with _normal); the
+    # padding (zero weights) sits at S ≈ M: callers mask it with _padding
+    return h, l - (h.astype(jnp.float32) + l) * slope
+
+
+def _padding(h: Int[Array, "R B"], n: int) -> Bool[Array, "R B"]:
+    """The padding entries (index >= n) of a [blocks, _BLOCK] array."""
+    rows, cols = h.shape
+    return jnp.arange(rows)[:, None] * cols + jnp.arange(cols)[None, :] >= n
 
 
 def _normal(h, v):
@@ -233,10 +245,18 @@ def _stratified_search(
     """
     n = weights.shape[0]
     m = num_samples
-    h, l = _normal(*_positions(weights, m))  # padded: the padding's count is m (not counted)
-    inside = (h >= 0) & (h < m)
-    u = offsets if jnp.ndim(offsets) == 0 else jnp.take(offsets, jnp.clip(h, 0, m - 1))
-    count = jnp.clip(h + (inside & (u < l)).astype(jnp.int32), 0, m)
+    h, v = _positions(weights, m)
+    if jnp.ndim(offsets) == 0:
+        # one shared u: c_i = #{k >= 0 : k + u < h_i + v_i} = h_i + ceil(v_i - u) (h_i an integer)
+        u = jax.lax.optimization_barrier(jnp.asarray(offsets, jnp.float32))  # not recomputed per i
+        count = h + jnp.ceil(v - u).astype(jnp.int32)
+    else:
+        h, l = _normal(h, v)
+        inside = (h >= 0) & (h < m)
+        u = jnp.take(offsets, jnp.clip(h, 0, m - 1))
+        count = h + (inside & (u < l)).astype(jnp.int32)
+    # the padding's count is m: outside the histogram below
+    count = jnp.where(_padding(h, n), m, jnp.clip(count, 0, m)).reshape(-1)
     hist = jnp.zeros(m + 1, jnp.int32).at[count].add(1)
     ancestors = _int_cumsum(hist[:m], n)
     return _alive(jnp.clip(ancestors, 0, n - 1).astype(jnp.int32), weights)
@@ -257,6 +277,8 @@ def _multinomial_search(
     n = weights.shape[0]
     m = num_samples
     h, l = _normal(*_positions(weights, m))
+    h = jnp.where(_padding(h, n), m, h).reshape(-1)
+    l = l.reshape(-1)
     k_int, k_frac = jax.random.split(key)
     k = jax.random.randint(k_int, (m,), 0, m, dtype=jnp.int32)
     v = jax.random.uniform(k_frac, (m,))
