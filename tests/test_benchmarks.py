@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_llm_decode  # noqa: E402
+from benchmarks import bench_llm_decode, gpu_check  # noqa: E402
 
 
 def test_llm_benchmark_gpu_mode_runs_on_a_toy_model(tmp_path, capsys):
@@ -43,3 +43,20 @@ def test_llm_benchmark_cpu_mode_runs_against_transformers(tmp_path, capsys):
     for r in rows:
         assert r["jax"]["decode_tok_s"] > 0 and r["transformers"]["decode_tok_s"] > 0 and r["speedup"] > 0
     assert "| 2 | mixed | bfloat16 |" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_at_toy_size(tmp_path, capsys):
+    """benchmarks/gpu_check.py end to end on CPU at toy sizes: every part runs, log Ẑ of the engine
+    and of the minimal JAX filter agree, the table and the JSON are written."""
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--toy", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["n"] for r in res["sv"]] == [64, 128]
+    for r in res["sv"]:
+        assert r["ours_s"] > 0 and r["peer_s"] > 0
+        ours, peer = r["ours_logz"], r["peer_logz"]
+        assert abs(sum(ours) / len(ours) - sum(peer) / len(peer)) < 1.0  # T = 20, N >= 64
+    assert {r["resampling"] for r in res["sharded"]} == {"global", "islands"}
+    assert [r["batch"] for r in res["llm_decode"]["rows"]] == [1, 2]
+    text = capsys.readouterr().out
+    assert "SV bootstrap filter" in text and "| 128 |" in text
