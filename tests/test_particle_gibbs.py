@@ -237,8 +237,11 @@ def test_pgas_with_blackjax_theta_step_matches_exact(pgas_runs, exact_driver):
     bound = _bound(z.size, C_D)
     assert z.max() < bound, f"max |z| = {z.max():.2f} at {z.argmax()} (bound {bound:.2f})"
     assert int(res.num_extinct.sum()) == 0
-    # ancestor sampling renews the path at every step (no path degeneracy)
-    assert np.all(np.asarray(res.update_rate).mean(0) > 0.1)
+    # ancestor sampling renews the path at every step (no path degeneracy): the update rate is
+    # ≈ 0.10 at t = 0 and ≈ 0.6 later (measured); without ancestor sampling it is ≤ 0.003 over the
+    # first steps, so 0.05 separates the two (0.1 sat on the t = 0 value itself: 0.1008 / 0.0998
+    # for two random streams of the same law, 0.2 standard errors apart)
+    assert np.all(np.asarray(res.update_rate).mean(0) > 0.05)
 
 
 def test_pgas_with_wrong_model_is_rejected(pgas_runs, exact_driver):
