@@ -154,6 +154,9 @@ _PAGES = {
     "docs/diffusion.md": {},
     "docs/variational.md": {"num_steps=500,": "num_steps=50,"},
     "docs/scaling.md": {},
+    "docs/bayesian_workflow.md": {
+        "num_particles=1024, progress=False": "num_particles=128, progress=False",
+    },
     "docs/particle_mcmc.md": {
         "num_particles=256, num_warmup=1000, num_samples=2000": "num_particles=32, num_warmup=20, num_samples=20",
         "num_chains=4)                      # 4 chains": "num_chains=2)                      # 2 chains",
