@@ -18,7 +18,7 @@ from samplers import smc_kernel  # noqa: E402
 from samplers.sharding import Islands, particle_mesh, shard_particles  # noqa: E402
 from samplers.smc import smc  # noqa: E402
 
-T, N, R = 25, 2048, 6
+T, N, R = 25, 2048, 4
 PARAMS = LGSSMParams.scalar(0.9, 0.5, 1.0, 1.0)
 SSM = lgssm(PARAMS)
 _, YS = SSM.simulate(jax.random.key(0), T)
