@@ -53,3 +53,58 @@ def posterior_check(log_z_hat, log_w, answers, exact_probs, z=Z_SCORE):
     bound = float(np.max(z_set * se))
     # 1e-6: float32 normalisation of the weights (sets whose π(S) is 0 or 1 have se = 0)
     return bool(np.all(dev <= z_set * se + 1e-6)), tv, bound, est
+
+
+# ---------------------------------------------------------------------------------------------
+# AR(1) plus noise with unknown (ρ, σ_x): shared by the PMMH and SMC² tests
+# ---------------------------------------------------------------------------------------------
+
+
+def _ar1_init(p):
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+
+    return dist.Normal(0.0, p["sx"] / jnp.sqrt(1.0 - p["rho"] ** 2))
+
+
+def _ar1_trans(p, t, x):
+    import numpyro.distributions as dist
+
+    return dist.Normal(p["rho"] * x, p["sx"])
+
+
+def _ar1_obs(p, t, x):
+    import numpyro.distributions as dist
+
+    return dist.Normal(p["gain"] * x, p["sy"])
+
+
+def ar1_noise_ssm(rho, sx, sy, gain=1.0, vectorized=False):
+    """x_t = ρ x_{t-1} + σ_x ε_t (x_0 stationary), y_t = gain · x_t + σ_y η_t, params a dict
+    (``gain`` = 1 is the model; tests break it on purpose)."""
+    import jax.numpy as jnp
+
+    from ppl.state_space import StateSpaceModel
+
+    return StateSpaceModel(
+        _ar1_init, _ar1_trans, _ar1_obs,
+        {"rho": jnp.asarray(rho), "sx": jnp.asarray(sx), "sy": jnp.asarray(sy),
+         "gain": jnp.asarray(gain)},
+        vectorized=vectorized,
+    )
+
+
+def ar1_noise_log_likelihood(rho, sx, sy, ys):
+    """log p(y_{0:T-1}) of :func:`ar1_noise_ssm` (gain 1) for arrays of (ρ, σ_x): a scalar Kalman
+    filter in float64 NumPy, independent of the JAX code."""
+    m = np.zeros_like(rho)
+    P = sx**2 / (1.0 - rho**2)
+    ll = np.zeros_like(rho)
+    for t, y in enumerate(ys):
+        if t > 0:
+            m, P = rho * m, rho**2 * P + sx**2
+        S = P + sy**2
+        ll += -0.5 * (np.log(2 * np.pi * S) + (y - m) ** 2 / S)
+        K = P / S
+        m, P = m + K * (y - m), (1.0 - K) * P
+    return ll

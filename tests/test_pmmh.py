@@ -26,8 +26,8 @@ import numpyro.distributions as dist
 import pytest
 from scipy import stats
 
+from exact_checks import ar1_noise_log_likelihood, ar1_noise_ssm
 from models.linear_gaussian import LGSSMParams, kalman_filter
-from ppl.state_space import StateSpaceModel
 from samplers.parameters import ParameterSpace
 from samplers.pmmh import pmmh, random_walk_metropolis
 
@@ -38,24 +38,9 @@ FAMILY_ALPHA = 1e-3
 PRIOR = {"rho": dist.Uniform(-1.0, 1.0), "sx": dist.HalfNormal(2.0)}
 
 
-def _init(p):
-    return dist.Normal(0.0, p["sx"] / jnp.sqrt(1.0 - p["rho"] ** 2))
-
-
-def _trans(p, t, x):
-    return dist.Normal(p["rho"] * x, p["sx"])
-
-
-def _obs(p, t, x):
-    return dist.Normal(p["gain"] * x, SY)
-
-
 def _ssm(gain=1.0):
     """gain = 1 is the model; gain = 2 is the deliberately wrong potential."""
-    return StateSpaceModel(
-        _init, _trans, _obs,
-        {"rho": jnp.asarray(RHO), "sx": jnp.asarray(SX), "gain": jnp.asarray(gain)},
-    )
+    return ar1_noise_ssm(RHO, SX, SY, gain)
 
 
 _, YS = _ssm().simulate(jax.random.key(0), T)
@@ -85,28 +70,13 @@ def _z(per_chain, exact):
     return z, bound
 
 
-def _numpy_kalman_loglik(rho, sx, ys):
-    """log p(y_{0:T-1}) of the scalar model for arrays of (ρ, σ_x), float64, stationary x_0."""
-    m = np.zeros_like(rho)
-    P = sx**2 / (1.0 - rho**2)
-    ll = np.zeros_like(rho)
-    for t, y in enumerate(ys):
-        if t > 0:
-            m, P = rho * m, rho**2 * P + sx**2
-        S = P + SY**2
-        ll += -0.5 * (np.log(2 * np.pi * S) + (y - m) ** 2 / S)
-        K = P / S
-        m, P = m + K * (y - m), (1.0 - K) * P
-    return ll
-
-
 @pytest.fixture(scope="module")
 def posterior_grid():
     """Quadrature of p(ρ, σ_x | y) on a 400 x 400 grid: (weights, ρ values, σ_x values)."""
     rho = np.linspace(0.2, 0.9999, 400)
     sx = np.linspace(0.3, 2.2, 400)
     R, S = np.meshgrid(rho, sx, indexing="ij")
-    lp = _numpy_kalman_loglik(R, S, np.asarray(YS, np.float64))
+    lp = ar1_noise_log_likelihood(R, S, SY, np.asarray(YS, np.float64))
     lp += stats.halfnorm.logpdf(S, scale=2.0)  # the uniform prior on ρ is flat on the grid
     w = np.exp(lp - lp.max())
     w /= w.sum()
@@ -204,7 +174,7 @@ def test_parameter_space_roundtrip_and_jacobian():
 
 
 def test_numpy_kalman_matches_project_kalman():
-    ll = _numpy_kalman_loglik(np.array([0.7]), np.array([1.3]), np.asarray(YS, np.float64))
+    ll = ar1_noise_log_likelihood(np.array([0.7]), np.array([1.3]), SY, np.asarray(YS, np.float64))
     np.testing.assert_allclose(ll[0], float(_kalman_loglik(0.7, 1.3)), rtol=1e-4)
 
 

@@ -38,9 +38,8 @@ import numpyro.distributions as dist
 import pytest
 from scipy import stats
 
-from exact_checks import evidence_check
+from exact_checks import ar1_noise_log_likelihood, ar1_noise_ssm, evidence_check
 from models.stochastic_volatility import SVParams, stochastic_volatility
-from ppl.state_space import StateSpaceModel
 from samplers.pmmh import pmmh
 from samplers.smc2 import SMC2Result, smc2
 
@@ -51,25 +50,9 @@ FAMILY_ALPHA = 1e-3
 PRIOR = {"rho": dist.Uniform(-1.0, 1.0), "sx": dist.HalfNormal(2.0)}
 
 
-def _init(p):
-    return dist.Normal(0.0, p["sx"] / jnp.sqrt(1.0 - p["rho"] ** 2))
-
-
-def _trans(p, t, x):
-    return dist.Normal(p["rho"] * x, p["sx"])
-
-
-def _obs(p, t, x):
-    return dist.Normal(p["gain"] * x, SY)
-
-
 def _ssm(gain=1.0):
     """gain = 1 is the model (gain = NaN breaks every potential, for the warnings)."""
-    return StateSpaceModel(
-        _init, _trans, _obs,
-        {"rho": jnp.asarray(RHO), "sx": jnp.asarray(SX), "gain": jnp.asarray(gain)},
-        vectorized=True,
-    )
+    return ar1_noise_ssm(RHO, SX, SY, gain, vectorized=True)
 
 
 _, YS = _ssm().simulate(jax.random.key(0), T)
@@ -93,28 +76,13 @@ def _summary(res: SMC2Result, names=("rho", "sx")):
     return np.asarray(out), float(res.log_evidence)
 
 
-def _kalman_loglik(rho, sx, ys):
-    """log p(y_{0:T-1}) of the scalar model for arrays of (ρ, σ_x), float64, stationary x_0."""
-    m = np.zeros_like(rho)
-    P = sx**2 / (1.0 - rho**2)
-    ll = np.zeros_like(rho)
-    for t, y in enumerate(ys):
-        if t > 0:
-            m, P = rho * m, rho**2 * P + sx**2
-        S = P + SY**2
-        ll += -0.5 * (np.log(2 * np.pi * S) + (y - m) ** 2 / S)
-        K = P / S
-        m, P = m + K * (y - m), (1.0 - K) * P
-    return ll
-
-
 @pytest.fixture(scope="module")
 def exact():
     """Quadrature on a 800 x 800 grid: (mean ρ, sd ρ, mean σ_x, sd σ_x) and log p(y)."""
     rho = np.linspace(-0.9995, 0.9995, 800)
     sx = np.linspace(0.01, 3.5, 800)
     Rg, Sg = np.meshgrid(rho, sx, indexing="ij")
-    log_joint = (_kalman_loglik(Rg, Sg, np.asarray(YS, np.float64)) + np.log(0.5)
+    log_joint = (ar1_noise_log_likelihood(Rg, Sg, SY, np.asarray(YS, np.float64)) + np.log(0.5)
                  + stats.halfnorm.logpdf(Sg, scale=2.0))
     top = log_joint.max()
     f = np.exp(log_joint - top)
