@@ -123,6 +123,12 @@ class MeanFieldGaussian(AbstractFamily):
         eps = (z - self.loc) / self.scale
         return -0.5 * jnp.sum(eps**2, axis=-1) - jnp.sum(self.log_scale) - 0.5 * self.dim * _LOG_2PI
 
+    def log_prob_terms(self, z: Float[Array, "n D"]) -> Float[Array, "n D"]:
+        r"""\(\log \mathcal{N}(z_d; \mu_d, \sigma_d^2)\) per coordinate (they sum to :meth:`log_prob`)."""
+        z = self._check_z(z)
+        eps = (z - self.loc) / self.scale
+        return -0.5 * eps**2 - self.log_scale - 0.5 * _LOG_2PI
+
 
 class FullRankGaussian(AbstractFamily):
     r"""\(q(z) = \mathcal{N}(z; \mu, L L^\top)\); ``raw_scale_tril`` holds \(L\) below the diagonal

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import equinox as eqx
@@ -76,6 +76,7 @@ __all__ = [
     "Reparameterisation",
     "ScoreFunction",
     "StickingTheLanding",
+    "PerLatent",
     "get_estimator",
     "ImportanceModel",
     "bound",
@@ -129,6 +130,58 @@ class StickingTheLanding(AbstractGradientEstimator):
     name: ClassVar[str] = "sticking_the_landing"
 
 
+class PerLatent(AbstractGradientEstimator):
+    r"""A gradient estimator chosen per latent site of a numpyro model (factorised families).
+
+    With a family that factorises over coordinates (:class:`MeanFieldGaussian`), the draws split
+    into \(z = (z_R, z_S)\), independent under \(q_\phi\): \(z_R = g_\phi(arepsilon)\) is
+    reparameterised and \(z_S \sim q_{\phi,S}\) is not, so
+
+    \[
+    
+abla_\phi \mathbb{E}[L] = \mathbb{E}ig[
+abla_\phi L(g_\phi(arepsilon), z_S)ig]
+      + \mathbb{E}ig[(L - b)\, 
+abla_\phi 	extstyle\sum_k \log q_{\phi,S}(z_{S,k})ig],
+    \]
+
+    the pathwise term through the reparameterised sites and the score-function term (with the
+    leave-one-out control variate \(b\) of :class:`ScoreFunction`) for the others. Build it from a
+    mapping, ``estimator={"sigma": "score_function"}``: sites not named use ``default``.
+    """
+
+    name: ClassVar[str] = "per_latent"
+    sites: tuple[tuple[str, str], ...] = eqx.field(static=True)
+    default: str = eqx.field(static=True, default="reparameterisation")
+    baseline: str = eqx.field(static=True, default="leave_one_out")
+
+    def __check_init__(self):
+        for site, est in self.sites + (("<default>", self.default),):
+            if est not in ("reparameterisation", "score_function"):
+                raise ValueError(
+                    f"per-latent estimators are 'reparameterisation' or 'score_function'; got "
+                    f"{est!r} for {site!r}"
+                )
+        if self.baseline not in ("leave_one_out", "none"):
+            raise ValueError(
+                f"PerLatent baseline must be 'leave_one_out' or 'none', got {self.baseline!r}"
+            )
+
+    def score_mask(self, target: NumpyroModel) -> Any:
+        """A boolean ``[D]`` mask of the flat coordinates that use the score function."""
+        import numpy as np
+
+        names = [name for name, _, _ in target.layout]
+        unknown = sorted({site for site, _ in self.sites} - set(names))
+        if unknown:
+            raise ValueError(f"unknown latent sites {unknown}: the model's latents are {names}")
+        chosen = dict(self.sites)
+        mask = []
+        for name, shape, _ in target.layout:
+            mask += [chosen.get(name, self.default) == "score_function"] * math.prod(shape)
+        return np.asarray(mask, bool)
+
+
 _ESTIMATORS = {
     "reparameterisation": Reparameterisation,
     "reparameterization": Reparameterisation,
@@ -141,9 +194,17 @@ _ESTIMATORS = {
 }
 
 
-def get_estimator(estimator: str | AbstractGradientEstimator) -> AbstractGradientEstimator:
+def get_estimator(estimator: Any) -> AbstractGradientEstimator:
     """The estimator for a name (``"reparameterisation"``/``"reparam"``, ``"score_function"``/
-    ``"score"``, ``"sticking_the_landing"``/``"stl"``) or an instance."""
+    ``"score"``, ``"sticking_the_landing"``/``"stl"``), an instance, or a mapping from latent site
+    names to names (:class:`PerLatent`; the other sites are reparameterised)."""
+    if isinstance(estimator, Mapping):
+        sites = []
+        for site, est in estimator.items():
+            if not isinstance(site, str):
+                raise TypeError(f"per-latent estimator keys are site names, got {site!r}")
+            sites.append((site, get_estimator(est).name))
+        return PerLatent(tuple(sites))
     return checks.strategy("gradient estimator", estimator, AbstractGradientEstimator, _ESTIMATORS)
 
 
@@ -329,6 +390,17 @@ def _static_estimates(keys, objective, family, target, estimator):
     estimator) and, for the score function, \(\sum_k \log q_\phi(z_k)\) per estimate."""
     k = objective.num_particles
     frozen = stop_gradient(family) if isinstance(estimator, StickingTheLanding) else None
+    if isinstance(estimator, PerLatent):
+        mask = jnp.asarray(estimator.score_mask(target))
+
+        def one_mixed(key):
+            z = family.sample(key, k)
+            z = jnp.where(mask, jax.lax.stop_gradient(z), z)
+            log_w = jax.vmap(target.log_joint)(z) - family.log_prob(z)
+            terms = family.log_prob_terms(jax.lax.stop_gradient(z))
+            return objective.log_z(log_w), jnp.sum(jnp.where(mask, terms, 0.0))
+
+        return jax.vmap(one_mixed)(keys)
 
     def one(key):
         z, log_q = family.sample_and_log_prob(key, k)
@@ -349,7 +421,7 @@ def bound(
     params: PyTree,
     target: NumpyroModel | AbstractFeynmanKac | Callable[[PyTree], AbstractFeynmanKac],
     *,
-    estimator: str | AbstractGradientEstimator = "reparameterisation",
+    estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation",
 ) -> Float[Array, ""]:
     r"""Monte Carlo estimate of ``objective`` (a lower bound on \(\log Z\), to maximise), averaged
     over ``objective.num_samples`` estimates; differentiable in ``params`` with ``estimator``.
@@ -376,7 +448,7 @@ def bound(
             f"K={objective.num_particles} it is biased (Tucker et al. 2019): use "
             "'reparameterisation'"
         )
-    if isinstance(est, ScoreFunction) and est.baseline == "leave_one_out" and m < 2:
+    if isinstance(est, (ScoreFunction, PerLatent)) and est.baseline == "leave_one_out" and m < 2:
         raise ValueError(
             "the score-function estimator's leave-one-out baseline needs num_samples >= 2 "
             "(independent estimates); raise num_samples or use ScoreFunction(baseline='none')"
@@ -399,8 +471,13 @@ def bound(
                 raise ValueError("SMCBound supports the 'reparameterisation' estimator only")
             model = ImportanceModel(target, params)
             return jnp.mean(jax.vmap(lambda k: objective.fk_log_z(k, model))(keys))
+        if isinstance(est, PerLatent) and not hasattr(params, "log_prob_terms"):
+            raise TypeError(
+                "a per-latent estimator needs a family that factorises over coordinates "
+                f"(MeanFieldGaussian); {type(params).__name__} does not"
+            )
         values, sum_log_q = _static_estimates(keys, objective, params, target, est)
-        if isinstance(est, ScoreFunction):
+        if isinstance(est, (ScoreFunction, PerLatent)):
             centred = values if est.baseline == "none" else values - _leave_one_out(values)
             score = jax.lax.stop_gradient(centred) * sum_log_q
             values = values + score - jax.lax.stop_gradient(score)  # value unchanged
@@ -424,13 +501,13 @@ def bound(
 
 
 def loss(key: PRNGKeyArray, objective: AbstractObjective, params: PyTree, target: Any, *,
-         estimator: str | AbstractGradientEstimator = "reparameterisation") -> Float[Array, ""]:
+         estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation") -> Float[Array, ""]:
     """``-bound(...)``: the quantity to minimise."""
     return -bound(key, objective, params, target, estimator=estimator)
 
 
 def elbo(key: PRNGKeyArray, params: PyTree, target: Any, *, num_samples: int = 1,
-         estimator: str | AbstractGradientEstimator = "reparameterisation") -> Float[Array, ""]:
+         estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation") -> Float[Array, ""]:
     r"""The ELBO \(\mathbb{E}_q[\log p(x, z) - \log q(z)]\) (a bound to maximise), from
     ``num_samples`` draws."""
     return bound(key, ELBO(num_samples), params, target, estimator=estimator)
@@ -438,14 +515,14 @@ def elbo(key: PRNGKeyArray, params: PyTree, target: Any, *, num_samples: int = 1
 
 def iwae(key: PRNGKeyArray, params: PyTree, target: Any, num_particles: int, *,
          num_samples: int = 1,
-         estimator: str | AbstractGradientEstimator = "reparameterisation") -> Float[Array, ""]:
+         estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation") -> Float[Array, ""]:
     r"""\(\text{IWAE}_K\) (a bound to maximise), from ``num_samples`` estimates of ``num_particles``."""
     return bound(key, IWAE(num_particles, num_samples), params, target, estimator=estimator)
 
 
 def renyi_bound(key: PRNGKeyArray, params: PyTree, target: Any, alpha: float, num_particles: int,
                 *, num_samples: int = 1,
-                estimator: str | AbstractGradientEstimator = "reparameterisation") -> Float[Array, ""]:
+                estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation") -> Float[Array, ""]:
     r"""The Rényi-\(\alpha\) bound, \(\alpha \in [0, 1)\) (to maximise)."""
     return bound(key, RenyiBound(alpha, num_particles, num_samples), params, target,
                  estimator=estimator)

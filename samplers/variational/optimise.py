@@ -18,6 +18,7 @@ leaves (flowjax) stay fixed.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -112,7 +113,7 @@ def step(
     target: Any,
     optimizer: optax.GradientTransformation,
     *,
-    estimator: str | AbstractGradientEstimator = "reparameterisation",
+    estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation",
 ) -> tuple[VIState, VIInfo]:
     """One optimiser step on the loss ``-bound(key, objective, params, target)``."""
     _check_optimizer(optimizer)
@@ -161,7 +162,7 @@ def fit(
     optimizer: optax.GradientTransformation,
     num_steps: int,
     *,
-    estimator: str | AbstractGradientEstimator = "reparameterisation",
+    estimator: str | AbstractGradientEstimator | Mapping[str, str] = "reparameterisation",
     chunk_size: int = 100,
     progress: bool = True,
 ) -> VIResult:
