@@ -332,6 +332,40 @@ def _variational(objective) -> Entry:
     return Entry(run, None, ())
 
 
+def _learned_proposal() -> Entry:
+    """A few ``vi.fit`` steps of an MLP proposal (samplers.variational.proposals) on the guided
+    filter of the scalar linear-Gaussian model."""
+    ssm, _, ys = _lgssm()
+    target = vi.guided_target(ssm, ys)
+    q0 = vi.MLPProposal.init(jax.random.key(0), 1, 1, width=4, depth=1)
+    opt = optax.adam(1e-2)
+
+    def run(key):
+        res = vi.fit(key, q0, vi.SMCBound(N, 2, ess_threshold=1.0), target, opt, 4,
+                     chunk_size=2, progress=False)
+        return Outputs(None, finite=(res.losses, res.params, res.state.opt_state))
+
+    return Entry(run, None, ())
+
+
+def _learned_twist() -> Entry:
+    """A few ``vi.fit`` steps of a table twist with ``TwistedSMCBound`` (samplers.variational.twists)
+    on the toy Markov-chain test bed."""
+    from models.markov_lm import toy_test_bed
+
+    bed = toy_test_bed()
+    target = vi.twist_target(bed)
+    tw0 = vi.TableTwist.zeros(target.num_steps, bed.lm.vocab_size)
+    opt = optax.adam(1e-2)
+
+    def run(key):
+        res = vi.fit(key, tw0, vi.TwistedSMCBound(4, 1, 2), target, opt, 4,
+                     chunk_size=2, progress=False)
+        return Outputs(None, finite=(res.losses, res.params, res.state.opt_state))
+
+    return Entry(run, None, ())
+
+
 def _parallel_tempering() -> Entry:
     ssm, xs, ys = _lgssm()
     model = ssm.bootstrap(ys)
@@ -377,6 +411,8 @@ REGISTRY: dict[str, Callable[[], Entry]] = {
     "variational-elbo": lambda: _variational(vi.ELBO(2)),
     "variational-iwae": lambda: _variational(vi.IWAE(4, 2)),
     "variational-smc-bound": lambda: _variational(vi.SMCBound(N, 2, ess_threshold=1.0)),
+    "variational-learned-proposal": _learned_proposal,
+    "variational-learned-twist": _learned_twist,
 }
 
 

@@ -5,6 +5,8 @@ r"""Variational inference over the toolkit's models: every objective is \(\mathb
   (reparameterisation, score function with a control variate, sticking-the-landing);
 - :mod:`~samplers.variational.families`: mean-field and full-rank Gaussians, flowjax flows;
 - :mod:`~samplers.variational.optimise`: ``init``/``step`` with any optax optimiser and ``fit``.
+- :mod:`~samplers.variational.proposals`: learned proposals of a guided filter (VSMC / AESMC / FIVO);
+- :mod:`~samplers.variational.twists`: learned twists of the Markov-chain language model.
 """
 
 from samplers.variational.families import (
@@ -36,6 +38,23 @@ from samplers.variational.objectives import (
     smc_bound,
 )
 from samplers.variational.optimise import VIInfo, VIResult, VIState, fit, init, step
+from samplers.variational.proposals import (
+    AbstractProposal,
+    GuidedTarget,
+    LinearGaussianProposal,
+    MLPProposal,
+    guided_target,
+)
+from samplers.variational.twists import (
+    AbstractTwist,
+    TableTwist,
+    TwistedMarkovLM,
+    TwistedSMCBound,
+    TwistTarget,
+    optimal_twist,
+    twist_distance,
+    twist_target,
+)
 
 __all__ = [
     "AbstractFamily",
@@ -68,4 +87,17 @@ __all__ = [
     "init",
     "step",
     "fit",
+    "AbstractProposal",
+    "LinearGaussianProposal",
+    "MLPProposal",
+    "GuidedTarget",
+    "guided_target",
+    "AbstractTwist",
+    "TableTwist",
+    "TwistedMarkovLM",
+    "TwistTarget",
+    "twist_target",
+    "optimal_twist",
+    "twist_distance",
+    "TwistedSMCBound",
 ]
