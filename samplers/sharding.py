@@ -15,11 +15,21 @@ draws on any number of devices up to float32 reduction order.
 Del Moral & Moulines 2015): no particle crosses a device, and each island keeps its total weight
 \(W_j\) (its particles get \(\log W_j - \log(N/D)\) after resampling), so \(\hat Z\) stays
 unbiased. The price: an island whose weight collapses is not refilled from the others, so the
-variance is larger than global resampling's at the same \(N\) (no exchange step here).
+variance is larger than global resampling's at the same \(N\). The optional exchange
+(``exchange_threshold``) resamples the islands themselves by their masses when the islands' ESS
+is low, copying whole islands between devices (only the islands that are replaced).
+
+For big rows (LLM KV caches) the partitioned gather of global resampling is costly (XLA moves the
+whole population); :class:`samplers.sharded_gather.ShardedResampling` draws the same global law,
+keeps offspring on their parent's device where possible and sends only the rows whose ancestor is
+on another device, point to point.
 
     mesh = particle_mesh()                       # all devices on the "particles" axis
     res = smc(key, model, n, mesh=mesh)          # global resampling, sharded
     res = smc(key, model, n, mesh=mesh, resampling=Islands("systematic", mesh.size))
+    res = smc(key, model, n, mesh=mesh,          # islands, exchanged when their ESS < K/2
+              resampling=Islands("systematic", mesh.size, exchange_threshold=0.5, mesh=mesh))
+    res = smc(key, model, n, mesh=mesh, resampling=ShardedResampling("systematic", mesh))
 
 With the kernel (online filtering), shard the state yourself: ``state =
 shard_particles(smc_kernel.init(...), mesh)``; a jitted ``smc_kernel.step`` then runs sharded (its
@@ -37,9 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from samplers.resampling import AbstractResampling, get_resampling
+from samplers.gather import stable_ancestors
+from samplers.resampling import AbstractResampling, ess, get_resampling
+from samplers.sharded_gather import sharded_gather
 
 __all__ = ["PARTICLE_AXIS", "particle_mesh", "particle_sharding", "shard_particles", "constrain",
            "Islands"]
@@ -98,7 +110,8 @@ def constrain(particles: PyTree, mesh: Mesh | None) -> PyTree:
 
 
 class Islands(AbstractResampling):
-    r"""Resample inside each of ``num_islands`` contiguous blocks of particles.
+    r"""Resample inside each of ``num_islands`` contiguous blocks of particles, with an optional
+    island-level exchange.
 
     Block \(j\) (particles \(jB, \dots, (j+1)B - 1\), \(B = N / K\)) draws \(B\) ancestors among its own
     particles with ``scheme`` on its normalised weights; after resampling its particles carry
@@ -106,25 +119,81 @@ class Islands(AbstractResampling):
     normalised and \(\hat Z\) unbiased (each block is an unbiased resampling of its own measure).
     With the blocks on the devices of a mesh (``smc(..., mesh=mesh)`` with ``num_islands`` the
     mesh size) resampling and the gather of the rows are local: nothing crosses a device but the
-    two scalar reductions (log-sum-exp, ESS). Conditional SMC is not supported.
+    two scalar reductions (log-sum-exp, ESS).
+
+    **Exchange** (the double bootstrap of Vergé, Dubarry, Del Moral & Moulines 2015, §3): at a
+    resampling step where the islands' masses are uneven, \(\mathrm{ESS}(W_{1:K}) <\)
+    ``exchange_threshold`` \(\cdot K\), the islands themselves are resampled after their particles:
+    \(K\) source islands are drawn with ``exchange_scheme`` from \(W_{1:K}\) (an unbiased island-level
+    resampling), island \(j\) becomes a copy of its source island's resampled particles, and every
+    particle then carries \(-\log N\) (each island mass \(1/K\)): \(\hat Z\) stays unbiased, and
+    a collapsed island is refilled from the heavy ones. Surviving islands keep their slot
+    (:func:`samplers.gather.stable_ancestors` at the island level), so an exchange copies only the
+    islands that died: \(B\) rows each. ``exchange_threshold`` 0 (default) never exchanges, 1
+    exchanges at every resampling step. With ``mesh`` (islands = the mesh's devices) the rows move
+    by :func:`samplers.sharded_gather.sharded_gather`: an exchange sends exactly the copied
+    islands' rows, a step without exchange sends nothing. Conditional SMC is not supported.
     """
 
     scheme: AbstractResampling
     num_islands: int = eqx.field(static=True)
+    exchange_threshold: float = eqx.field(static=True)
+    exchange_scheme: AbstractResampling
+    mesh: Mesh | None = eqx.field(static=True)
 
-    def __init__(self, scheme: str | AbstractResampling = "systematic", num_islands: int = 1):
-        if isinstance(scheme, Islands):
+    def __init__(self, scheme: str | AbstractResampling = "systematic", num_islands: int = 1, *,
+                 exchange_threshold: float = 0.0,
+                 exchange_scheme: str | AbstractResampling = "systematic",
+                 mesh: Mesh | None = None):
+        if isinstance(scheme, Islands) or isinstance(exchange_scheme, Islands):
             raise ValueError("Islands cannot nest another Islands scheme")
         self.scheme = get_resampling(scheme)
         if isinstance(num_islands, bool) or not isinstance(num_islands, int) or num_islands < 1:
             raise ValueError(f"num_islands must be a positive integer, got {num_islands!r}")
         self.num_islands = num_islands
+        if (isinstance(exchange_threshold, bool) or not isinstance(exchange_threshold, (int, float))
+                or not 0.0 <= exchange_threshold <= 1.0):
+            raise ValueError(f"exchange_threshold must be a number in [0, 1], got {exchange_threshold!r}")
+        self.exchange_threshold = float(exchange_threshold)
+        self.exchange_scheme = get_resampling(exchange_scheme)
+        if mesh is not None and num_islands % mesh.shape[_axis(mesh)]:
+            raise ValueError(f"num_islands={num_islands} must be a multiple of the mesh's "
+                             f"{mesh.shape[_axis(mesh)]} devices")
+        self.mesh = mesh
+
+    @property
+    def gathers_rows_itself(self) -> bool:
+        """With a mesh the kernel calls :meth:`gather` for rows of any size."""
+        return self.mesh is not None
 
     def _block(self, n: int) -> int:
         if n % self.num_islands:
             raise ValueError(
                 f"{n} particles do not split into {self.num_islands} equal islands")
         return n // self.num_islands
+
+    def island_log_masses(self, log_weights: Float[Array, " N"]) -> Float[Array, " K"]:
+        r"""\(\log W_j\), the normalised log-mass of each island."""
+        b = self._block(log_weights.shape[0])
+        mass = jax.nn.logsumexp(log_weights.reshape(self.num_islands, b), axis=1)
+        return mass - jax.nn.logsumexp(mass)  # normalised (the input is, up to rounding)
+
+    def exchanges(self, log_weights: Float[Array, " N"]) -> Bool[Array, ""]:
+        r"""Whether a resampling step with these weights exchanges islands:
+        \(\mathrm{ESS}(W_{1:K}) <\) ``exchange_threshold`` \(\cdot K\) (always at 1, never at 0)."""
+        if self.exchange_threshold <= 0.0 or self.num_islands == 1:
+            return jnp.asarray(False)
+        if self.exchange_threshold >= 1.0:
+            return jnp.asarray(True)
+        return ess(self.island_log_masses(log_weights)) < self.exchange_threshold * self.num_islands
+
+    def island_ancestors(self, key, log_weights: Float[Array, " N"]) -> Int[Array, " K"]:
+        """Source island of each island slot (the identity when no exchange happens): drawn by
+        ``exchange_scheme`` from the island masses, surviving islands in their own slot."""
+        k = self.num_islands
+        drawn = stable_ancestors(self.exchange_scheme(key, self.island_log_masses(log_weights), k)
+                                 .astype(jnp.int32))
+        return jnp.where(self.exchanges(log_weights), drawn, jnp.arange(k, dtype=jnp.int32))
 
     def __call__(self, key, log_weights, num_samples=None):
         n = log_weights.shape[0]
@@ -135,26 +204,36 @@ class Islands(AbstractResampling):
         keys = jax.random.split(key, k)
         blocks = log_weights.reshape(k, b)
         local = jax.vmap(lambda kk, lw: self.scheme(kk, lw, b))(keys, blocks)
-        return (local + (jnp.arange(k, dtype=jnp.int32) * b)[:, None]).reshape(n).astype(jnp.int32)
+        local = local + (jnp.arange(k, dtype=jnp.int32) * b)[:, None]
+        if self.exchange_threshold > 0.0 and k > 1:
+            local = local[self.island_ancestors(jax.random.fold_in(key, k), log_weights)]
+        return local.reshape(n).astype(jnp.int32)
 
     def log_weights_after(self, log_weights: Float[Array, " N"]) -> Float[Array, " N"]:
-        r"""\(\log W_j - \log B\) for every particle of block \(j\)."""
+        r"""\(\log W_j - \log B\) for every particle of block \(j\); \(-\log N\) after an exchange."""
         n = log_weights.shape[0]
         b = self._block(n)
-        mass = jax.nn.logsumexp(log_weights.reshape(self.num_islands, b), axis=1)
-        mass = mass - jax.nn.logsumexp(mass)  # normalised (the input is, up to rounding)
-        return jnp.repeat(mass - math.log(b), b, total_repeat_length=n)
+        kept = jnp.repeat(self.island_log_masses(log_weights) - math.log(b), b, total_repeat_length=n)
+        return jnp.where(self.exchanges(log_weights), -math.log(n), kept)
 
     def gather(self, particles: PyTree, ancestors: Int[Array, " N"]) -> PyTree:
-        """Block-local gather: every leaf as [K, B, ...], indices within the block."""
+        """Block-local gather after an island-level copy of the exchanged islands (if any); with
+        a mesh, :func:`samplers.sharded_gather.sharded_gather` (only copied islands cross)."""
         n = ancestors.shape[0]
         b = self._block(n)
         k = self.num_islands
-        local = ancestors.reshape(k, b) - (jnp.arange(k, dtype=ancestors.dtype) * b)[:, None]
+        if self.mesh is not None:
+            return sharded_gather(particles, ancestors, self.mesh)[0]
+        rows = ancestors.reshape(k, b)
+        source = rows[:, 0] // b  # every particle of island j descends from island source[j]
+        local = rows - (source * b)[:, None]
 
         def take(x):
             xb = x.reshape((k, b) + x.shape[1:])
-            return jax.vmap(lambda rows, idx: jnp.take(rows, idx, axis=0))(xb, local).reshape(x.shape)
+            if self.exchange_threshold > 0.0 and k > 1:
+                moved = jnp.any(source != jnp.arange(k))
+                xb = jax.lax.cond(moved, lambda y: jnp.take(y, source, axis=0), lambda y: y, xb)
+            return jax.vmap(lambda r, idx: jnp.take(r, idx, axis=0))(xb, local).reshape(x.shape)
 
         return jax.tree.map(take, particles)
 
@@ -163,4 +242,3 @@ class Islands(AbstractResampling):
 
     def _conditional_at_zero(self, key, weights):
         raise NotImplementedError("conditional SMC with Islands resampling is not supported")
-

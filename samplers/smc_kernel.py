@@ -310,9 +310,11 @@ def step(
         else:
             no_pin = jnp.asarray(0, jnp.int32)
             ancestors = _ancestors_fn(resampling, n, False)(flag, k_res, sg_log_w, no_pin)
-        if row_bytes(particles) >= IN_PLACE_MIN_ROW_BYTES:
+        if row_bytes(particles) >= IN_PLACE_MIN_ROW_BYTES and not getattr(
+                resampling, "gathers_rows_itself", False):
             # big rows (LLM KV caches): survivors keep their slots and only the dead particles'
-            # rows are overwritten, in place; with the identity nothing is copied
+            # rows are overwritten, in place; with the identity nothing is copied (a scheme that
+            # moves its rows itself, samplers.sharded_gather, takes the gather below instead)
             previous, ancestors = resample_rows(particles, ancestors)
         else:
             previous = jax.lax.cond(

@@ -58,5 +58,10 @@ def test_gpu_check_runs_at_toy_size(tmp_path, capsys):
         assert abs(sum(ours) / len(ours) - sum(peer) / len(peer)) < 1.0  # T = 20, N >= 64
     assert {r["resampling"] for r in res["sharded"]} == {"global", "islands"}
     assert [r["batch"] for r in res["llm_decode"]["rows"]] == [1, 2]
+    pf = res["llm_pf"]  # the LLM particle filter (a tiny random transformer under --toy)
+    assert [r["n"] for r in pf["rows"]] == [8] and all(r["tok_s"] > 0 for r in pf["rows"])
+    tf = res["transformers_decode"]  # transformers' decode, or skipped with the reason
+    assert ("skipped" in tf) or [r["batch"] for r in tf["rows"]] == [1, 2]
     text = capsys.readouterr().out
     assert "SV bootstrap filter" in text and "| 128 |" in text
+    assert "LLM particle filter" in text and "transformers decode" in text
