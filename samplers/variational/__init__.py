@@ -7,6 +7,8 @@ r"""Variational inference over the toolkit's models: every objective is \(\mathb
 - :mod:`~samplers.variational.optimise`: ``init``/``step`` with any optax optimiser and ``fit``.
 - :mod:`~samplers.variational.proposals`: learned proposals of a guided filter (VSMC / AESMC / FIVO);
 - :mod:`~samplers.variational.twists`: learned twists of the Markov-chain language model.
+- :mod:`~samplers.variational.aevb`: variational autoencoders (amortised encoder, ELBO / IWAE
+  training, held-out log-likelihood by importance sampling).
 """
 
 from samplers.variational.families import (
@@ -55,6 +57,14 @@ from samplers.variational.twists import (
     twist_distance,
     twist_target,
 )
+from samplers.variational.aevb import (
+    VAE,
+    AmortisedTarget,
+    BernoulliDecoder,
+    GaussianEncoder,
+    LinearGaussianDecoder,
+    heldout_log_likelihood,
+)
 
 __all__ = [
     "AbstractFamily",
@@ -100,4 +110,10 @@ __all__ = [
     "optimal_twist",
     "twist_distance",
     "TwistedSMCBound",
+    "VAE",
+    "GaussianEncoder",
+    "BernoulliDecoder",
+    "LinearGaussianDecoder",
+    "AmortisedTarget",
+    "heldout_log_likelihood",
 ]
