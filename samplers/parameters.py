@@ -12,6 +12,8 @@ Used by PMMH (:mod:`samplers.pmmh`) and by the θ-steps of particle Gibbs
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -60,8 +62,7 @@ class ParameterSpace(eqx.Module):
     def dim(self) -> int:
         """Dimension d of the unconstrained space."""
         return sum(
-            int(jnp.prod(jnp.asarray(biject_to(d.support).inverse_shape(
-                d.batch_shape + d.event_shape), int)))
+            math.prod(biject_to(d.support).inverse_shape(d.batch_shape + d.event_shape))
             for d in self.prior.values()
         )
 
