@@ -330,7 +330,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.toy:
-        args.num_particles, args.num_steps, args.repeats = [64, 128], 20, 2
+        args.num_particles, args.num_steps, args.repeats = [64], 20, 2
         args.batch_sizes, args.new_tokens = [1, 2], 3
         args.pf_particles, args.pf_steps, args.pf_step_tokens = [8], 3, 2
 

@@ -18,7 +18,6 @@ from samplers import smc_kernel  # noqa: E402
 from samplers.sharded_gather import ShardedResampling, local_ancestors, sharded_gather  # noqa: E402
 from samplers.sharding import Islands, particle_mesh, shard_particles  # noqa: E402
 from samplers.smc import smc  # noqa: E402
-from samplers.resampling import get_resampling  # noqa: E402
 
 T, N, R = 25, 2048, 4
 PARAMS = LGSSMParams.scalar(0.9, 0.5, 1.0, 1.0)
@@ -129,17 +128,17 @@ def llm_particles(mesh, n=64):
     # the gather alone, on LLM particles, for ancestors of uneven weights across devices
     particles = runs[1].particles
 
-    @jax.jit
-    @jax.vmap
-    def draw(key, scale):  # ancestors of weights uneven within and across devices
-        k1, k2, k3 = jax.random.split(key, 3)
-        lw = jax.random.normal(k1, (n,)) * scale + jnp.repeat(jnp.linspace(-2.0, 1.0, 8), n // 8)
-        lw = lw - jax.nn.logsumexp(lw)
-        a = jnp.stack([get_resampling(s)(k3, lw, n) for s in ("systematic", "multinomial")])
-        return a, jax.vmap(lambda x: local_ancestors(x, 8))(a)
-
-    a_all, b_all = (np.asarray(x).reshape(-1, n) for x in draw(jax.random.split(jax.random.key(9), 3),
-                                                              jnp.array([0.0, 0.5, 2.0])))
+    # systematic and multinomial ancestors (numpy) of weights uneven within and across devices
+    rng = np.random.default_rng(9)
+    a_all = []
+    for scale in (0.0, 0.5, 2.0):
+        w = np.exp(rng.normal(size=n) * scale + np.repeat(np.linspace(-2.0, 1.0, 8), n // 8))
+        w /= w.sum()
+        cdf = np.cumsum(w)
+        a_all.append(np.minimum(np.searchsorted(cdf, (rng.uniform() + np.arange(n)) / n, side="right"), n - 1))
+        a_all.append(rng.choice(n, size=n, p=w))
+    a_all = np.stack(a_all).astype(np.int32)
+    b_all = np.asarray(jax.jit(jax.vmap(lambda x: local_ancestors(x, 8)))(jnp.asarray(a_all)))
     out["permutation"] = [dict(same_counts=bool(np.array_equal(np.bincount(ai, minlength=n),
                                                                np.bincount(bi, minlength=n))),
                                stable=bool(np.all(bi[bi] == bi)), cross_plain=np_cross(ai),
