@@ -504,7 +504,7 @@ def test_registry_covers_every_sampler():
     import samplers.search
 
     helpers = {"gather", "resampling", "mcmc_kernels", "mcmc_output", "parameters", "base",
-               "search", "sharding", "calibration"}
+               "search", "sharding", "sharded_gather", "calibration"}
     found = {m.name for pkg in (samplers, samplers.search) for m in pkgutil.iter_modules(pkg.__path__)}
     assert found - helpers <= covered, f"samplers without a contract entry: {found - helpers - covered}"
 
