@@ -1,5 +1,18 @@
 """Diffusion models as Feynman-Kac models, with Gaussian-mixture data as the exact reference."""
 
+from models.diffusion.digits import (
+    DDIM,
+    DIGITS_WEIGHTS,
+    NULL_CLASS,
+    DigitsDiffusion,
+    DigitsEpsNet,
+    DigitsScore,
+    EulerMaruyama,
+    digits_split,
+    load_digits_model,
+    sample_digits,
+    to_pixels,
+)
 from models.diffusion.fk_model import (
     POTENTIALS,
     DiffusionParticles,
@@ -27,4 +40,15 @@ __all__ = [
     "exact_tilted_target",
     "exact_log_normaliser",
     "POTENTIALS",
+    "DigitsEpsNet",
+    "DigitsDiffusion",
+    "DigitsScore",
+    "EulerMaruyama",
+    "DDIM",
+    "NULL_CLASS",
+    "DIGITS_WEIGHTS",
+    "sample_digits",
+    "load_digits_model",
+    "digits_split",
+    "to_pixels",
 ]
