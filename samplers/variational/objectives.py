@@ -385,34 +385,30 @@ def _leave_one_out(values: Float[Array, " M"]) -> Float[Array, " M"]:
     return (jnp.sum(values) - values) / (m - 1)
 
 
-def _static_estimates(keys, objective, family, target, estimator):
-    r"""One \(\log \hat Z\) per key on a numpyro target: values [M] (differentiable per the
-    estimator) and, for the score function, \(\sum_k \log q_\phi(z_k)\) per estimate."""
-    k = objective.num_particles
-    frozen = stop_gradient(family) if isinstance(estimator, StickingTheLanding) else None
+def _static_estimates(key, num_samples, objective, family, target, estimator):
+    r"""``num_samples`` estimates \(\log \hat Z\) on a numpyro target: values [M] (differentiable per
+    the estimator) and, for the score function, \(\sum_k \log q_\phi(z_k)\) per estimate (or its
+    score-function sites' part). The \(M K\) draws come from one call of the family (one
+    vectorised normal draw: no per-estimate key splitting)."""
+    m, k = num_samples, objective.num_particles
+    key = fast_key(key)
     if isinstance(estimator, PerLatent):
         mask = jnp.asarray(estimator.score_mask(target))
-
-        def one_mixed(key):
-            z = family.sample(key, k)
-            z = jnp.where(mask, jax.lax.stop_gradient(z), z)
-            log_w = jax.vmap(target.log_joint)(z) - family.log_prob(z)
-            terms = family.log_prob_terms(jax.lax.stop_gradient(z))
-            return objective.log_z(log_w), jnp.sum(jnp.where(mask, terms, 0.0))
-
-        return jax.vmap(one_mixed)(keys)
-
-    def one(key):
-        z, log_q = family.sample_and_log_prob(key, k)
+        z = family.sample(key, m * k)
+        z = jnp.where(mask, jax.lax.stop_gradient(z), z)
+        log_q = family.log_prob(z)
+        score_log_q = jnp.sum(
+            jnp.where(mask, family.log_prob_terms(jax.lax.stop_gradient(z)), 0.0), axis=-1)
+    else:
+        z, log_q = family.sample_and_log_prob(key, m * k)
         if isinstance(estimator, ScoreFunction):
             z = jax.lax.stop_gradient(z)
             log_q = family.log_prob(z)
-        elif frozen is not None:
-            log_q = frozen.log_prob(z)
-        log_w = jax.vmap(target.log_joint)(z) - log_q
-        return objective.log_z(log_w), jnp.sum(log_q)
-
-    return jax.vmap(one)(keys)
+        elif isinstance(estimator, StickingTheLanding):
+            log_q = stop_gradient(family).log_prob(z)
+        score_log_q = log_q
+    log_w = (jax.vmap(target.log_joint)(z) - log_q).reshape(m, k)
+    return jax.vmap(objective.log_z)(log_w), jnp.sum(score_log_q.reshape(m, k), axis=1)
 
 
 def bound(
@@ -476,7 +472,7 @@ def bound(
                 "a per-latent estimator needs a family that factorises over coordinates "
                 f"(MeanFieldGaussian); {type(params).__name__} does not"
             )
-        values, sum_log_q = _static_estimates(keys, objective, params, target, est)
+        values, sum_log_q = _static_estimates(key, m, objective, params, target, est)
         if isinstance(est, (ScoreFunction, PerLatent)):
             centred = values if est.baseline == "none" else values - _leave_one_out(values)
             score = jax.lax.stop_gradient(centred) * sum_log_q
