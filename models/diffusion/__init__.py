@@ -24,6 +24,14 @@ from models.diffusion.fk_model import (
 )
 from models.diffusion.gaussian_mixture import DiffusedMixture, GaussianMixture
 from models.diffusion.tilted import tilt, tilt_log_normaliser
+from models.diffusion.verifiers import (
+    ClassLogProb,
+    DigitsClassifier,
+    DigitsMLPClassifier,
+    digits_halves,
+    fit_digits_classifier,
+    fit_digits_evaluator,
+)
 from models.diffusion.vp_sde import VPSDE, ScoreFn
 
 __all__ = [
@@ -51,4 +59,10 @@ __all__ = [
     "load_digits_model",
     "digits_split",
     "to_pixels",
+    "DigitsClassifier",
+    "DigitsMLPClassifier",
+    "ClassLogProb",
+    "digits_halves",
+    "fit_digits_classifier",
+    "fit_digits_evaluator",
 ]
