@@ -23,6 +23,20 @@ from models.diffusion.fk_model import (
     tilted_gmm_diffusion,
 )
 from models.diffusion.gaussian_mixture import DiffusedMixture, GaussianMixture
+from models.diffusion.noise_search import (
+    DigitsDenoiser,
+    NoiseSearchResult,
+    ScoreDenoiser,
+    generate,
+    path_search,
+    path_search_nfe,
+    random_search,
+    random_search_nfe,
+    renoise,
+    sphere_neighbours,
+    zero_order_search,
+    zero_order_search_nfe,
+)
 from models.diffusion.tilted import tilt, tilt_log_normaliser
 from models.diffusion.verifiers import (
     ClassLogProb,
@@ -65,4 +79,16 @@ __all__ = [
     "digits_halves",
     "fit_digits_classifier",
     "fit_digits_evaluator",
+    "DigitsDenoiser",
+    "ScoreDenoiser",
+    "NoiseSearchResult",
+    "sphere_neighbours",
+    "renoise",
+    "generate",
+    "random_search",
+    "zero_order_search",
+    "path_search",
+    "random_search_nfe",
+    "zero_order_search_nfe",
+    "path_search_nfe",
 ]
