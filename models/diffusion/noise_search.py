@@ -43,10 +43,10 @@ beam member gets \(M\) children re-noised by the forward process from \(s_k\) up
 
 \[
 x_{s'} = \frac{\alpha_{s'}}{\alpha_s} x_s + \sqrt{\sigma_{s'}^2 - \frac{\alpha_{s'}^2}{\alpha_s^2} \sigma_s^2}\; z,
-\qquad z \sim \mathcal{N}(0, I) \quad (:func:`renoise`),
+\qquad z \sim \mathcal{N}(0, I),
 \]
 
-which are denoised \(\Delta_b > \Delta_f\) steps to \(s_{k - \Delta_f + \Delta_b}\) and scored on Tweedie's
+(:func:`renoise`), which are denoised \(\Delta_b > \Delta_f\) steps to \(s_{k - \Delta_f + \Delta_b}\) and scored on Tweedie's
 \(\hat x_0\) there (one evaluation each); the top \(N\) of the \(N M\) children form the next beam.
 After \(R = (K - k_0) / (\Delta_b - \Delta_f)\) rounds the beam is at \(s_K\), where \(\hat x_0\) is the
 final sample, and the best child is returned. NFE \(= N k_0 + R N M (\Delta_b + 1)\).
