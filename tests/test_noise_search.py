@@ -459,9 +459,10 @@ def test_digits_random_search_raises_evaluator_accuracy(judges):
     den = DigitsDenoiser(model, NULL_CLASS)  # unconditional model: the verifier must find the class
     n_cand, per_class = 16, 3
     hit1, hit8, ver8 = [], [], []
+    traced = TraceCounting(verifier, Counter())
     for c in range(10):
         for j in range(per_class):
-            res = random_search(jax.random.key(100 * c + j), den, ClassLogProb(verifier, c),
+            res = random_search(jax.random.key(100 * c + j), den, ClassLogProb(traced, c),
                                 num_candidates=n_cand, num_steps=20)
             # candidate 0 is a plain sample from iid noise: the best-of-1 baseline
             hit1.append(int(evaluator.predict(res.samples[0])) == c)
@@ -472,3 +473,15 @@ def test_digits_random_search_raises_evaluator_accuracy(judges):
     se = np.sqrt(p1 * (1 - p1) / n + p8 * (1 - p8) / n + 1e-12)
     print(f"evaluator accuracy N=1 {p1:.3f}, N=16 {p8:.3f} (verifier {np.mean(ver8):.3f}), se {se:.3f}")
     assert p8 - p1 > 3 * se
+    assert traced.counter.rows == 1  # 30 searches, 10 targets, one trace: compiled once
+
+
+class TraceCounting(eqx.Module):
+    """A classifier that counts how often it is traced (a Python side effect runs at trace time)."""
+
+    clf: eqx.Module
+    counter: Counter = eqx.field(static=True)
+
+    def log_probs(self, x):
+        self.counter.add(1)
+        return self.clf.log_probs(x)
