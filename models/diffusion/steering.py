@@ -32,8 +32,8 @@ or \(y = x_K\). The target is the reward-tilted law of the output,
 with \(q\) the law of \(y\) under the discretised unsteered chain (as in
 :mod:`models.diffusion.fk_model`: for the exact score and a refined grid, \(q \to p_\varepsilon\)).
 
-**Potentials** (strategies, paper §3 "choosing the potentials"; \(t\) counts *our* steps, from noise
-to data):
+**Potentials** (strategies: the examples of the paper and of its code; \(t\) counts *our* steps,
+from noise to data):
 
 - :class:`Diff`: \(\log G_0 = \lambda r_0\), \(\log G_t = \lambda (r_t - r_{t-1})\). The product
   telescopes to \(\exp(\lambda r_K)\) pathwise: **exact** target, no correction needed (the
@@ -99,6 +99,7 @@ from models.diffusion.fk_model import LinearReward
 from models.diffusion.gaussian_mixture import DiffusedMixture, GaussianMixture
 from models.diffusion.vp_sde import VPSDE
 from ppl.feynman_kac import AbstractFeynmanKac
+from samplers.smc import smc
 
 __all__ = [
     "AbstractFKPotential",
@@ -605,11 +606,11 @@ def best_of_n(key: PRNGKeyArray, model: FKSteering, num_samples: int) -> BestOfN
     kernel, grid and network), the reward of each output, the highest kept.
 
     Runs the engine with ``ess_threshold=0`` and an all-false schedule (no resampling) on ``model``
-    with \(\lambda = 0\) (every potential is 1) and the reward evaluated at the last step only, so the NFE equals that of FK steering with as many
-    particles, ``num_samples * (K + denoise_final) * evals_per_call``; ``num_samples`` reward calls.
+    with \(\lambda = 0\) (every potential is 1) and the reward evaluated at the last step only, so
+    the NFE equals that of FK steering with as many particles,
+    ``num_samples * (K + denoise_final) * evals_per_call``; ``num_samples`` reward calls. With the
+    same potential class and a schedule, the FK run and this one share one compilation.
     """
-    from samplers.smc import smc
-
     if not isinstance(model, FKSteering):
         raise TypeError(f"model must be an FKSteering, got {type(model).__name__}")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
