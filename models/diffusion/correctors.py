@@ -66,6 +66,7 @@ from ppl.feynman_kac import AbstractFeynmanKac
 __all__ = [
     "TargetScore",
     "TemperedNoise",
+    "ScaledDrift",
     "CorrectorParticles",
     "FeynmanKacCorrector",
     "annealed",
@@ -89,6 +90,10 @@ class TargetScore(eqx.Module):
         r"""\(\lambda = h^2 / g^2 = 1\)."""
         return 1.0
 
+    def drift_factor(self, total_exponent: float) -> float:
+        r"""\(c = 1\): the forward drift enters the move unscaled."""
+        return 1.0
+
 
 class TemperedNoise(eqx.Module):
     r"""Tempered noise \(h^2 = g^2 / \Gamma\), drift \(-f + \frac{1 + 1/\Gamma}{2} g^2 S_\pi\) (for
@@ -100,6 +105,26 @@ class TemperedNoise(eqx.Module):
         if total_exponent <= 0:
             raise ValueError(f"TemperedNoise needs a positive sum of exponents, got {total_exponent}")
         return 1.0 / total_exponent
+
+    def drift_factor(self, total_exponent: float) -> float:
+        r"""\(c = 1\)."""
+        return 1.0
+
+
+class ScaledDrift(eqx.Module):
+    r"""Not in the paper: the model's noise \(h^2 = g^2\) and the forward drift scaled by \(\Gamma\),
+    \(dx = [-\Gamma f + g^2 S_\pi]\, d\tau + g\, dW\) (for annealing, \(\beta\) times the model's own
+    reverse drift). The weight rate gains \((1 - \Gamma) f \cdot S_\pi\) and loses the divergence term;
+    it vanishes wherever every \(p^i_s\) is \(\mathcal N(0, I)\) (high noise), which is where the
+    other two forms spend most of their weight variance."""
+
+    def noise_factor(self, total_exponent: float) -> float:
+        r"""\(\lambda = 1\)."""
+        return 1.0
+
+    def drift_factor(self, total_exponent: float) -> float:
+        r"""\(c = \Gamma\)."""
+        return float(total_exponent)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +175,7 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
     exponents: Float[Array, " M"]
     times: Float[Array, " T"]
     noise_factor: Float[Array, ""]
+    drift_factor: Float[Array, ""]
     correction: Float[Array, ""]
     init_dist: Any
     total_exponent: Float[Array, ""]
@@ -164,7 +190,7 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
         times: Float[Array, " T"],
         dim: int,
         *,
-        form: TargetScore | TemperedNoise = TargetScore(),
+        form: TargetScore | TemperedNoise | ScaledDrift = TargetScore(),
         correction: float | Float[Array, ""] = 1.0,
         init_dist: Any = None,
     ):
@@ -184,8 +210,10 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
         total = float(jnp.sum(exponents))
         if not math.isfinite(total) or total <= 0:
             raise ValueError(f"the exponents must sum to a finite positive number, got {total}")
-        if not isinstance(form, (TargetScore, TemperedNoise)):
-            raise TypeError(f"form must be TargetScore() or TemperedNoise(), got {form!r}")
+        if not isinstance(form, (TargetScore, TemperedNoise, ScaledDrift)):
+            raise TypeError(
+                f"form must be TargetScore(), TemperedNoise() or ScaledDrift(), got {form!r}"
+            )
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         if init_dist is not None and not hasattr(init_dist, "sample"):
@@ -197,6 +225,7 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
         self.correction = jnp.asarray(correction, jnp.result_type(float))
         self.init_dist = init_dist
         self.noise_factor = jnp.asarray(form.noise_factor(total), jnp.result_type(float))
+        self.drift_factor = jnp.asarray(form.drift_factor(total), jnp.result_type(float))
         self.dim = dim
         self.total_exponent = jnp.asarray(total, jnp.result_type(float))
         self.num_steps = int(self.times.shape[0])
@@ -212,6 +241,7 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
         rate = 0.5 * self.sde.beta(s) * (
             jnp.sum(target**2, axis=-1)
             - jnp.einsum("m,nm->n", self.exponents, jnp.sum(scores**2, axis=-1))
+            - (1.0 - self.drift_factor) * jnp.sum(x * target, axis=-1)
         )
         return CorrectorParticles(x, scores, rate)
 
@@ -219,7 +249,9 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
         lam = self.noise_factor
         h = s - s_next
         b = self.sde.beta(s)
-        drift = 0.5 * particles.x + 0.5 * (1.0 + lam) * self.target_score(particles.scores)
+        drift = 0.5 * self.drift_factor * particles.x + 0.5 * (1.0 + lam) * self.target_score(
+            particles.scores
+        )
         return particles.x + h * b * drift, jnp.sqrt(lam * h * b)
 
     # ---- Feynman-Kac protocol -----------------------------------------------------------------
@@ -244,7 +276,7 @@ class FeynmanKacCorrector(AbstractFeynmanKac):
             return jnp.zeros(particles.rate.shape, particles.rate.dtype)
         s_prev, s = self.times[t - 1], self.times[t]
         trapezoid = 0.5 * (s_prev - s) * (previous.rate + particles.rate)
-        div_f = -(self.total_exponent - 1.0) * 0.5 * self.dim * (
+        div_f = -(self.total_exponent - self.drift_factor) * 0.5 * self.dim * (
             self.sde.integrated_beta(s_prev) - self.sde.integrated_beta(s)
         )
         return self.correction * (trapezoid + div_f)
@@ -278,7 +310,7 @@ def annealed(
     times: Float[Array, " T"],
     dim: int,
     *,
-    form: TargetScore | TemperedNoise = TargetScore(),
+    form: TargetScore | TemperedNoise | ScaledDrift = TargetScore(),
     correct: bool = True,
     init_dist: Any = None,
 ) -> FeynmanKacCorrector:
@@ -301,7 +333,7 @@ def product_of_experts(
     dim: int,
     *,
     exponents: Sequence[float] | None = None,
-    form: TargetScore | TemperedNoise = TargetScore(),
+    form: TargetScore | TemperedNoise | ScaledDrift = TargetScore(),
     correct: bool = True,
     init_dist: Any = None,
 ) -> FeynmanKacCorrector:
