@@ -45,7 +45,7 @@ from models.diffusion import (  # noqa: E402
     Diff,
     Max,
     Sum,
-    best_of_n,
+    best_of_n_chains,
     digits_fk_steering,
     fit_digits_classifier,
     fit_digits_evaluator,
@@ -114,7 +114,7 @@ def main() -> None:
         @eqx.filter_jit
         def run_best_of_n(keys, targets):
             def one(key, target):
-                b = best_of_n(key, build(Diff(), target, 0.0, steps), n)
+                b = best_of_n_chains(key, build(Diff(), target, 0.0, steps), n)
                 return b.samples, b.rewards, jnp.full((n,), -np.log(n)), b.nfe, b.reward_calls
 
             return jax.vmap(one)(keys, targets)

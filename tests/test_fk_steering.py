@@ -37,7 +37,7 @@ from models.diffusion import (
     GaussianMixture,
     Max,
     Sum,
-    best_of_n,
+    best_of_n_chains,
     exact_log_normaliser,
     exact_tilted_target,
     gmm_fk_steering,
@@ -268,7 +268,7 @@ def test_nfe_counts_are_exact_and_equal_to_best_of_n():
     assert _COUNTS["reward"] == int(d.reward_calls) == n * 4
     np.testing.assert_array_equal(np.asarray(res.resampled), np.asarray(sched))
     _COUNTS.update(eps=0, reward=0)
-    bon = best_of_n(jax.random.key(4), model, n)
+    bon = best_of_n_chains(jax.random.key(4), model, n)
     jax.effects_barrier()
     assert _COUNTS["eps"] == n * (k + 1) and int(bon.nfe) == int(d.nfe)
     assert _COUNTS["reward"] == int(bon.reward_calls) == n
@@ -304,6 +304,6 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="shape"):
         jax.eval_shape(lambda k: bad_reward.init(k, 4), jax.random.key(0))
     with pytest.raises(ValueError, match="num_samples"):
-        best_of_n(jax.random.key(0), base, 0)
+        best_of_n_chains(jax.random.key(0), base, 0)
     assert Diff().exact and Max().exact and not Max(False).exact and not RT(False).exact
     assert isinstance(EulerMaruyama(), eqx.Module)

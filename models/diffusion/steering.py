@@ -78,9 +78,11 @@ ESS-triggered (``ess_threshold`` in (0, 1)), or on a schedule (``ess_threshold=0
 of distinct parents chosen by that step's resampling and the number of distinct step-0 ancestors
 ("roots") still alive; :func:`steering_diagnostics` collects them with the engine's ESS.
 
-**Baseline.** :func:`best_of_n` runs the same model's chains without resampling (the engine with
-``ess_threshold=0``, \(\lambda = 0\), reward at the end only) and keeps the highest reward: with the
-same number of chains as FK particles it spends exactly the same network evaluations.
+**Baseline.** :func:`best_of_n_chains` runs the same model's chains without resampling (the engine
+with ``ess_threshold=0``, \(\lambda = 0\), reward at the end only) and keeps the highest reward: with
+the same number of chains as FK particles it spends exactly the same network evaluations. (The
+fixed-horizon diffusion counterpart of :func:`samplers.search.best_of_n`, which serves models with
+absorbing ``done`` states such as LLMs.)
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ __all__ = [
     "steps_before_resampling",
     "steering_diagnostics",
     "best_sample",
-    "best_of_n",
+    "best_of_n_chains",
     "gmm_fk_steering",
     "digits_fk_steering",
 ]
@@ -601,7 +603,7 @@ class BestOfN(NamedTuple):
     reward_calls: Int[Array, ""]
 
 
-def best_of_n(key: PRNGKeyArray, model: FKSteering, num_samples: int) -> BestOfN:
+def best_of_n_chains(key: PRNGKeyArray, model: FKSteering, num_samples: int) -> BestOfN:
     r"""Best-of-N with the model's own chain: ``num_samples`` independent chains (same start law,
     kernel, grid and network), the reward of each output, the highest kept.
 
