@@ -119,8 +119,8 @@ def test_annealed_mode_mass(anneal_runs, form):
     which includes the resampling noise), and the check is |mean − m_exact| ≤ 4 se (≈ 0.07 for the
     paper's two forms, whose runs scatter with sd ≈ 0.1 at N = 400; ≈ 0.035 for ScaledDrift).
     Biases, measured separately (128 runs × 1000 particles unless stated; exact mass 0.633):
-    target score −0.020 ± 0.008 at K = 100, −0.007 ± 0.007 at K = 200 (64 × 2000), −0.061 ± 0.009
-    at K = 50 (the discretisation bias); tempered noise +0.024 ± 0.008 at K = 100 with the per-run
+    target score −0.020 ± 0.008 at K = 100, −0.020 ± 0.008 at K = 50 and −0.007 ± 0.007 at K = 200
+    (64 × 2000 each); tempered noise +0.024 ± 0.008 at K = 100 with the per-run
     average but −0.004 ± 0.018 with runs pooled by Ẑ (so mostly the O(1/N) bias of self-normalised
     SMC); ScaledDrift −0.008 ± 0.006 (32 × 1000). All are well inside the tolerance.
     The naive sampler (same moves, unit weights), the sign-flipped weights and the halved weights must
