@@ -16,23 +16,24 @@ which covers annealing \(p^\beta\) (\(M = 1\), \(\gamma = \beta\)), the product 
 \(\tau\) (\(d\tau = -ds\)) particles move by
 
 \[
-dx = \big[-f + \tfrac12 (g^2 + h^2)\, S_\pi\big]\, d\tau + h\, dW,
+dx = \big[-c f + \tfrac12 (g^2 + h^2)\, S_\pi\big]\, d\tau + h\, dW,
 \]
 
-with the noise \(h^2 = \lambda g^2\) chosen by a strategy: :class:`TargetScore` (\(\lambda = 1\):
-the reverse SDE driven by the target score, e.g. \(\beta \nabla \log p_s\)) or
-:class:`TemperedNoise` (\(\lambda = 1/\Gamma\): noise \(g/\sqrt\beta\) and drift
-\(\frac{1+\beta}{2} g^2 \nabla \log p_s\) for annealing). Neither moves along \(\pi_s\); the
+with the noise \(h^2 = \lambda g^2\) and \(c\) chosen by a strategy: :class:`TargetScore`
+(\(\lambda = c = 1\): the reverse SDE driven by the target score, e.g. \(\beta \nabla \log p_s\)),
+:class:`TemperedNoise` (\(\lambda = 1/\Gamma\), \(c = 1\): noise \(g/\sqrt\beta\) and drift
+\(\frac{1+\beta}{2} g^2 \nabla \log p_s\) for annealing), both from the paper, or
+:class:`ScaledDrift` (\(\lambda = 1\), \(c = \Gamma\); not in the paper, lower weight variance). Neither moves along \(\pi_s\); the
 Feynman-Kac PDE \(\partial_\tau \tilde\pi = \mathcal L^*_\tau \tilde\pi + \tilde\pi\, \rho_\tau\) of
 the unnormalised \(\tilde\pi_s = \prod_i (p^i_s)^{\gamma_i}\) holds with the weight rate
 
 \[
-\rho_\tau(x) = (\Gamma - 1)\, \nabla\!\cdot\! f
+\rho_\tau(x) = (\Gamma - c)\, \nabla\!\cdot\! f + (1 - c)\, f \cdot S_\pi
 + \frac{g^2}{2}\Big(\lVert S_\pi \rVert^2 - \sum_i \gamma_i \lVert S_i \rVert^2\Big),
 \]
 
 for every \(\lambda\) (the Laplacian terms cancel because the drift is \(\frac12(g^2 + h^2) S_\pi\)),
-so the weights need scores only. Special cases (the paper's propositions): annealing
+so the weights need scores only. Special cases with \(c = 1\) (the paper's propositions): annealing
 \(\rho = (\beta - 1)[\nabla\cdot f + \frac{g^2}{2} \beta \lVert S \rVert^2]\); product
 \(\rho = \nabla\cdot f + g^2 \langle S_1, S_2 \rangle\); guidance
 \(\rho = \frac{g^2}{2} w (1 + w) \lVert S_c - S_\varnothing \rVert^2\).
