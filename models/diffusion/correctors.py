@@ -42,7 +42,7 @@ so the weights need scores only. Special cases with \(c = 1\) (the paper's propo
 the move is the Euler–Maruyama step of the SDE above; \(\log G_t\) integrates \(\rho\) by the
 trapezoidal rule between \((x_{t-1}, s_{t-1})\) and \((x_t, s_t)\) (the score at \(x_t\) is computed
 anyway for the next move and cached), and the \(x\)-independent \(\nabla\cdot f = -\frac d2 \beta(s)\)
-term exactly, \(-(\Gamma - 1)\frac d2 (B(s_{t-1}) - B(s_t))\). Because the weight then tracks the
+term exactly, \(-(\Gamma - c)\frac d2 (B(s_{t-1}) - B(s_t))\). Because the weight then tracks the
 unnormalised \(\tilde\pi\), \(\log \hat Z \to \log \int \tilde\pi_\varepsilon - \log \int
 \tilde\pi_1\). Particles start from \(\mathcal N(0, I/\Gamma)\), the target at \(s = 1\) when every
 \(p^i_1 \approx \mathcal N(0, I)\) (\(\alpha_1 \approx 0.0066\) for the default schedule), with
