@@ -4,6 +4,7 @@ run, help), built once below (nothing registers itself).
     ppl generate "Why is the sky blue?" --max-new-tokens 128 --temperature 0.7 --top-p 0.9
     ppl generate "Write a short sentence about a cat." --particles 16 --constraint lipogram --temperature 0.8
     ppl scale --task letter_words --methods pf,bon --budgets 1,2,4,8
+    ppl diffuse --class 3 --method fk --particles 8 --out threes.png
 """
 
 from __future__ import annotations
@@ -155,6 +156,19 @@ def run_scale(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+# ----------------------------------------------------------------------------- ppl diffuse
+def _diffuse_arguments(p: argparse.ArgumentParser) -> None:
+    from app.diffuse import add_arguments
+
+    add_arguments(p)
+
+
+def run_diffuse(args: argparse.Namespace) -> int:
+    from app.diffuse import run_diffuse as _run
+
+    return _run(args)
+
+
 # name -> (add_arguments(parser), run(args) -> exit code, help)
 SUBCOMMANDS: Mapping[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = \
     MappingProxyType({
@@ -163,6 +177,9 @@ SUBCOMMANDS: Mapping[str, tuple[Callable[[argparse.ArgumentParser], None], Calla
         "scale": (_scale_arguments, run_scale,
                   "accuracy vs budget of inference-time scaling methods (the registry app.methods.METHODS: "
                   "PF, PG, PT-PG, BoN, beam, DVTS, ...) on a task family"),
+        "diffuse": (_diffuse_arguments, run_diffuse,
+                    "digits from the shipped diffusion model, steered to a class (FK steering, best-of-N "
+                    "at equal NFE, or the conditional model), written as a PNG grid"),
     })
 
 

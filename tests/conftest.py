@@ -40,3 +40,48 @@ def no_shape_checks():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+# Per-worker resident memory (MB) above which a module's teardown drops JAX's compiled programs.
+FREE_COMPILED_ABOVE_MB = float(os.environ.get("PPL_TEST_FREE_ABOVE_MB", "2500"))
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs(request):
+    """Drop JAX's compiled programs after a test module when the worker has grown large.
+
+    Every ``jit`` keeps each program it compiled for as long as the function lives, and the
+    engine's jitted entry points live for the whole session: without this, each xdist worker grew
+    to 8-9 GB by the end of the suite (hundreds of SMC programs over the models of every module),
+    close to the 24 GB of the CI machine with the notebook kernels and subprocesses beside it (the
+    CI run of 2026-12-05 stalled at 480 of 482 tests). Above ``FREE_COMPILED_ABOVE_MB`` of resident
+    memory the module's teardown calls ``jax.clear_caches()``; below it, compiled programs stay
+    shared across modules (clearing after every module made the suite much slower).
+    ``PPL_TEST_MEMLOG=path`` appends each module's peak and current RSS (MB) to ``path``.
+    """
+    yield
+    now = _rss_mb()
+    cleared = False
+    if "jax" in sys.modules and now > FREE_COMPILED_ABOVE_MB:
+        import gc
+
+        sys.modules["jax"].clear_caches()
+        gc.collect()
+        cleared = True
+    log = os.environ.get("PPL_TEST_MEMLOG")
+    if log:
+        import resource
+        import time
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open(log, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {os.getpid()} {request.module.__name__} peak={peak:.0f} "
+                    f"before={now:.0f} after={_rss_mb():.0f} cleared={cleared}\n")

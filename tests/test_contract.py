@@ -47,6 +47,7 @@ from samplers.tempering import AdaptiveTempering, tempered_smc
 from samplers.waste_free import WasteFreeTempering
 from samplers.data_tempering import DataTempering
 from samplers import variational as vi
+from models import diffusion as dm
 
 N = 8  # particles
 T = 5  # steps of the state-space models
@@ -384,6 +385,67 @@ def _parallel_tempering() -> Entry:
 # the registry: one line per sampler
 # ------------------------------------------------------------------------------------------------
 
+def _small_mixture():
+    return dm.GaussianMixture(jnp.array([0.4, 0.6]), jnp.array([[-1.0, 0.0], [1.5, 0.5]]),
+                              jnp.stack([0.3 * jnp.eye(2)] * 2))
+
+
+def _fk_steering(potential, best_of_n: bool = False) -> Entry:
+    """FK steering (models.diffusion.steering) on a 2-D mixture with the exact score: the engine with a
+    k-step resampling window, or the equal-NFE best-of-N chains."""
+    model = dm.gmm_fk_steering(_small_mixture(), jnp.array([1.0, 0.0]), 1.5, potential, num_levels=5)
+    sched = dm.resampling_window(model.num_steps, 2)
+
+    def run(key):
+        if best_of_n:
+            b = dm.best_of_n_chains(key, model, N)
+            return Outputs(b.samples, finite=(b.samples, b.sample, b.rewards, b.reward))
+        res = smc(key, model, N, ess_threshold=0.0, resample_schedule=sched)
+        p = res.particles
+        return Outputs(p, finite=(res.log_evidence, res.log_weights, p.x, p.x0, p.log_g_sum),
+                       not_nan=res.log_weights)
+
+    return Entry(run, None if best_of_n else _one_particle(model), (N,))
+
+
+def _fk_corrector(kind: str) -> Entry:
+    """Feynman-Kac correctors (models.diffusion.correctors) on 1-D mixtures with exact scores."""
+    sde = dm.VPSDE()
+    gmm = dm.GaussianMixture(jnp.array([0.4, 0.6]), jnp.array([[-1.0], [1.5]]), jnp.full((2, 1, 1), 0.3))
+    score = dm.DiffusedMixture(gmm, sde)
+    times = sde.time_grid(32)
+    if kind == "product":
+        model = dm.product_of_experts(sde, (score, score), times, 1, form=dm.ScaledDrift())
+    elif kind == "annealed":
+        model = dm.annealed(sde, score, 2.0, times, 1)
+    else:
+        model = dm.classifier_free_guidance(sde, score, dm.DiffusedMixture(gmm, sde), 1.0, times, 1)
+
+    def run(key):
+        return _smc_outputs(smc(key, model, N))
+
+    return Entry(run, _one_particle(model), (N,))
+
+
+def _noise_search(method: str) -> Entry:
+    """Noise search (models.diffusion.noise_search) on a 2-D mixture with the exact score."""
+    sde = dm.VPSDE()
+    den = dm.ScoreDenoiser(dm.DiffusedMixture(_small_mixture(), sde), sde, 2)
+    reward = dm.LinearReward(jnp.array([1.0, 0.0]))
+
+    def run(key):
+        if method == "random":
+            r = dm.random_search(key, den, reward, num_candidates=4, num_steps=4)
+        elif method == "zero-order":
+            r = dm.zero_order_search(key, den, reward, num_neighbours=2, num_rounds=2, num_steps=4)
+        else:
+            r = dm.path_search(key, den, reward, num_beams=2, num_children=2, start_step=0,
+                               forward_steps=0, backward_steps=2, num_steps=4)
+        return Outputs(r.samples, finite=(r.sample, r.score, r.samples, r.scores, r.noise))
+
+    return Entry(run, None, None)
+
+
 REGISTRY: dict[str, Callable[[], Entry]] = {
     "smc-systematic": lambda: _smc_lgssm(resampling="systematic", ess_threshold=1.0),
     "smc-stratified": lambda: _smc_lgssm(resampling="stratified", ess_threshold=1.0),
@@ -413,6 +475,15 @@ REGISTRY: dict[str, Callable[[], Entry]] = {
     "variational-smc-bound": lambda: _variational(vi.SMCBound(N, 2, ess_threshold=1.0)),
     "variational-learned-proposal": _learned_proposal,
     "variational-learned-twist": _learned_twist,
+    "fk-steering-diff": lambda: _fk_steering(dm.Diff()),
+    "fk-steering-max": lambda: _fk_steering(dm.Max()),
+    "fk-steering-best-of-n": lambda: _fk_steering(dm.Diff(), best_of_n=True),
+    "fk-corrector-product": lambda: _fk_corrector("product"),
+    "fk-corrector-annealed": lambda: _fk_corrector("annealed"),
+    "fk-corrector-cfg": lambda: _fk_corrector("cfg"),
+    "noise-search-random": lambda: _noise_search("random"),
+    "noise-search-zero-order": lambda: _noise_search("zero-order"),
+    "noise-search-paths": lambda: _noise_search("paths"),
 }
 
 

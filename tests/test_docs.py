@@ -150,6 +150,9 @@ _PAGES = {
     "docs/llm_runtime.md": {},
     "docs/llm_as_ssm.md": {},
     "docs/diffusion.md": {},
+    "docs/noise_search.md": {},
+    "docs/fk_steering.md": {},
+    "docs/diffusion_correctors.md": {},
     "docs/variational.md": {"num_steps=500,": "num_steps=50,"},
     "docs/scaling.md": {},
     "docs/bayesian_workflow.md": {
