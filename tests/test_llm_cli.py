@@ -87,7 +87,7 @@ def test_subcommands_and_method_choices_come_from_immutable_registries():
 
     from app.methods import METHODS
 
-    assert isinstance(cli.SUBCOMMANDS, types.MappingProxyType) and set(cli.SUBCOMMANDS) == {"generate", "scale"}
+    assert isinstance(cli.SUBCOMMANDS, types.MappingProxyType) and set(cli.SUBCOMMANDS) == {"generate", "scale", "diffuse"}
     p = cli.build_parser()
     sub = next(a for a in p._actions if a.dest == "command")
     help_text = sub.choices["scale"].format_help()
