@@ -2,7 +2,8 @@
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
-PYTEST_ARGS ?= -n 2
+# loadgroup: the modules marked xdist_group (an expensive module fixture) stay on one worker
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: setup setup-test demo test bench docs clean
 
