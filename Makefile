@@ -2,8 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
-# loadgroup: the modules marked xdist_group (an expensive module fixture) stay on one worker
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup setup-test demo test bench docs clean
 

@@ -38,9 +38,6 @@ from models.diffusion import (
 )
 from samplers import smc
 
-# one worker runs the whole module: its module-scoped fixture is expensive (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("diffusion_correctors")
-
 Z = 4.0
 SDE = VPSDE()
 ARMS = {"corrected": 1.0, "naive": 0.0, "sign flipped": -1.0, "halved": 0.5}

@@ -48,9 +48,6 @@ from models.diffusion import (
 )
 from samplers.smc import smc
 
-# one worker runs the whole module: its module-scoped fixture is expensive (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("fk_steering")
-
 Z = 4.0
 LAM = 1.5
 A = np.array([1.0, -0.5])

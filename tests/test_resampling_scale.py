@@ -22,9 +22,6 @@ from scipy import stats
 
 from samplers.resampling import Multinomial, Residual, Stratified, Systematic
 
-# one worker runs the whole module: its module-scoped fixture is expensive (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("resampling_scale")
-
 BIG = 10_000_000
 NEAR = 1e-5  # N W_i this close to an integer may round either way in float32 (relative)
 

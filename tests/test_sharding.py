@@ -41,9 +41,6 @@ from samplers.sharded_gather import ShardedResampling
 from samplers.sharding import Islands, particle_mesh
 from samplers.smc import smc
 
-# one worker runs the whole module: its module-scoped fixture is expensive (make test: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("sharding")
-
 ROOT = Path(__file__).resolve().parents[1]
 T = 25
 PARAMS = LGSSMParams.scalar(0.9, 0.5, 1.0, 1.0)
