@@ -485,3 +485,21 @@ class TraceCounting(eqx.Module):
     def log_probs(self, x):
         self.counter.add(1)
         return self.clf.log_probs(x)
+
+
+def test_nonfinite_scores_warn():
+    """NaN rewards are ranked as -inf, counted in ``nonfinite`` and reported by a warning."""
+    import equinox as eqx
+    from models.diffusion import DiffusedMixture, GaussianMixture, ScoreDenoiser, VPSDE, random_search
+
+    class NanRight(eqx.Module):
+        def __call__(self, x):
+            return jnp.where(x[..., 0] > 0, jnp.nan, x[..., 0])
+
+    sde = VPSDE()
+    gmm = GaussianMixture(jnp.array([0.4, 0.6]), jnp.array([[-1.0, 0.0], [1.5, 0.5]]),
+                          jnp.stack([0.3 * jnp.eye(2)] * 2))
+    den = ScoreDenoiser(DiffusedMixture(gmm, sde), sde, 2)
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        res = random_search(jax.random.key(0), den, NanRight(), num_candidates=8, num_steps=4)
+    assert int(res.nonfinite) > 0 and bool(jnp.isfinite(res.score))

@@ -64,6 +64,8 @@ set of weights reuses it), with the \(N\) candidates of a round in one batched n
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, NamedTuple
 
 import equinox as eqx
@@ -336,6 +338,19 @@ def _final_nfe(denoiser, final_steps):
     return (final_steps + 1) * denoiser.nfe_per_call
 
 
+def _warn_nonfinite(result: NoiseSearchResult) -> NoiseSearchResult:
+    """Warn (after the compiled call) when some candidate scores were NaN or infinite."""
+    bad = result.nonfinite
+    if not isinstance(bad, jax.core.Tracer) and int(bad) > 0:
+        warnings.warn(
+            f"noise search: {int(bad)} candidate scores were NaN or infinite (ranked as -inf; "
+            "result.nonfinite); check the reward and the denoiser",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return result
+
+
 def random_search_nfe(num_candidates: int, num_steps: int, nfe_per_call: int = 1) -> int:
     r"""Search NFE of random search: \(N (K + 1)\) (times 2 with guidance)."""
     return num_candidates * (num_steps + 1) * nfe_per_call
@@ -417,7 +432,7 @@ def random_search(
     final_times = None if final_steps is None else denoiser.sde.time_grid(final_steps, eps)
     out = _random_core_jit(key, denoiser, reward, kernel, num_candidates, times, final_times)
     nfe = random_search_nfe(num_candidates, num_steps, denoiser.nfe_per_call)
-    return NoiseSearchResult(*out, nfe, nfe_final)
+    return _warn_nonfinite(NoiseSearchResult(*out, nfe, nfe_final))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -507,7 +522,7 @@ def zero_order_search(
     out = _zero_order_core_jit(key, denoiser, reward, kernel, num_neighbours, num_rounds,
                                jnp.asarray(c, jnp.float32), bool(elitist), times, final_times)
     nfe = zero_order_search_nfe(num_neighbours, num_rounds, num_steps, denoiser.nfe_per_call)
-    return NoiseSearchResult(*out, nfe, nfe_final)
+    return _warn_nonfinite(NoiseSearchResult(*out, nfe, nfe_final))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -605,5 +620,5 @@ def path_search(
                          forward_steps, backward_steps, times)
     nfe = path_search_nfe(num_beams, num_children, num_steps, start_step, forward_steps,
                           backward_steps, denoiser.nfe_per_call)
-    return NoiseSearchResult(*out, nfe, 0)
+    return _warn_nonfinite(NoiseSearchResult(*out, nfe, 0))
 
