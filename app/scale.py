@@ -62,7 +62,9 @@ __all__ = [
     "main",
 ]
 
-REWARDS = ("step", "final")
+REWARDS = ("step", "final", "judge", "self-certainty", "prm", "none")
+#: rewards the task's program computes (the truth); the others are imperfect stand-ins for it
+PROGRAM_REWARDS = ("step", "final")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,15 +165,31 @@ def load_step_lm(temperature: float = 0.7, delimiter: str = "\n"):
 
 
 def make_reward(task, kind: str = "step", callbacks=None):
-    """The reward model of a task: its step verifier (process reward) or final verifier (outcome),
-    its function registered in ``callbacks`` (a :class:`~models.llm_fk.rewards.HostCallbacks`)."""
-    from models.llm_fk.rewards import FinalAnswerVerifier, ProgrammaticStepVerifier
+    """The reward model of a run. From the task's program (the truth): ``step``, its step verifier
+    (process reward), ``final``, its final verifier (outcome), registered in ``callbacks`` (a
+    :class:`~models.llm_fk.rewards.HostCallbacks`). Imperfect rewards (the program only judges the
+    selected answer): ``judge``, SmolLM2 asked whether the steps so far are correct on its own
+    cache (:class:`~models.llm_fk.rewards.LLMJudge`); ``self-certainty``, the mean token
+    log-probability (:class:`~models.llm_fk.rewards.SelfCertainty`); ``prm``, the learned process
+    reward head on SmolLM2's hidden states (:class:`~models.llm_fk.prm.HiddenStatePRM`, shipped
+    weights); ``none``, no reward (:class:`~models.llm_fk.rewards.ConstantReward`)."""
+    from models.llm_fk import rewards
 
     if kind not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
     if kind == "step":
-        return ProgrammaticStepVerifier(task.step_score, callbacks=callbacks)
-    return FinalAnswerVerifier(task.final_score, callbacks=callbacks)
+        return rewards.ProgrammaticStepVerifier(task.step_score, callbacks=callbacks)
+    if kind == "final":
+        return rewards.FinalAnswerVerifier(task.final_score, callbacks=callbacks)
+    if kind == "judge":
+        return rewards.LLMJudge()
+    if kind == "self-certainty":
+        return rewards.SelfCertainty()
+    if kind == "prm":
+        from models.llm_fk.prm import HiddenStatePRM
+
+        return HiddenStatePRM.default()
+    return rewards.ConstantReward()
 
 
 class ExperimentHost:
@@ -225,6 +243,7 @@ def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cf
     elapsed = time.perf_counter() - t0
     c = res.compute
     cands = [str(a) for a in (getattr(res, "all_answers", None) or [])]
+    diag = getattr(res, "diagnostics", None) or {}
     weights = [float(w) for w in (getattr(res, "weights", None) or [])]
     return dict(
         method=method, budget=budget, prompt=prompt_index, seed=seed,
@@ -235,6 +254,8 @@ def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cf
         log_evidence=float(getattr(res, "log_evidence", float("nan"))),
         candidates=cands, weights=weights,
         candidates_correct=[bool(task.answer_is_correct(a)) for a in cands],
+        unique_answers=len(set(cands)),
+        unique_completions=int(diag.get("unique_completions", len(set(cands)))),
     )
 
 
@@ -380,6 +401,7 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> dic
             tokens_generated=float(np.mean([r["tokens_generated"] for r in rs])),
             reward_calls=float(np.mean([r["reward_calls"] for r in rs])),
             wall_time_s=float(np.mean([r["wall_time_s"] for r in rs])),
+            unique_completions=float(np.mean([r.get("unique_completions", np.nan) for r in rs])),
         )
     return out
 
@@ -505,14 +527,21 @@ def format_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) 
 
 
 def format_compute_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) -> str:
-    """Markdown table of mean tokens generated / reward calls per run."""
+    """Markdown table of mean tokens generated / reward calls / distinct final candidates per run
+    (for pf and rm: distinct completions among the particles, the collapse diagnostic; for the
+    others: distinct answers)."""
     head = "| method | " + " | ".join(f"B={b}" for b in budgets) + " |"
     lines = [head, "|---|" + "---|" * len(budgets)]
     for m in methods:
         cells = []
         for b in budgets:
             v = summary.get(f"{m}@{b}")
-            cells.append("–" if v is None else f"{v['tokens_generated']:.0f} / {v['reward_calls']:.0f}")
+            if v is None:
+                cells.append("–")
+                continue
+            u = v.get("unique_completions", float("nan"))
+            cells.append(f"{v['tokens_generated']:.0f} / {v['reward_calls']:.0f}"
+                         + ("" if not np.isfinite(u) else f" / {u:.1f}"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -602,7 +631,7 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
         with open(os.path.join(cfg.output_dir, "table.md"), "w") as f:
             warn_md = "".join(f"\n**Warning:** {m}.\n" for m in notes)
             f.write(f"{TABLE_HEADING}\n\n{table}\n{warn_md}\n"
-                    f"Mean tokens generated / reward calls per run\n\n{compute}\n\n{line}\n\n"
+                    f"Mean tokens generated / reward calls / distinct final candidates per run\n\n{compute}\n\n{line}\n\n"
                     f"{paired_line}\n\n{out['timing_line']}\n")
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(dict(config=cfg.as_dict(), summary=summary, match=match,
@@ -672,7 +701,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-step-tokens", type=int, default=8, help="token cap of one step (a line)")
     p.add_argument("--temperature", type=float, default=0.7, help="LM sampling temperature")
     p.add_argument("--reward", default="step", choices=REWARDS,
-                   help="step: the programmatic step verifier (process reward); final: outcome only")
+                   help="step: the task's programmatic step verifier (process reward); final: its outcome "
+                        "only; imperfect rewards (the program stays the judge of the answer): judge (SmolLM2 "
+                        "asked Yes/No), self-certainty (mean token log-probability), prm (learned head on "
+                        "SmolLM2's hidden states), none")
+    p.add_argument("--power", type=float, default=None,
+                   help="α of the power target p^α R^β (pf, rm: weights p^α/q per step; use "
+                        "--temperature 1/α for the proposal)")
+    p.add_argument("--rejuvenation", type=int, default=None,
+                   help="Metropolis-Hastings re-generations of the last step per move (rm; default 1)")
     p.add_argument("--reward-temperature", type=float, default=None,
                    help="τ of the potential, G_t = (r_t / r_{t-1})^(1/τ) (default 1; < 1 sharpens)")
     p.add_argument("--selection", choices=("vote", "argmax", "sample"), default=None,
@@ -700,6 +737,16 @@ def run_scale(args: argparse.Namespace) -> int:
         opts["temperature"] = args.reward_temperature
     if getattr(args, "selection", None) is not None:
         opts["selection"] = args.selection
+    if getattr(args, "power", None) is not None:
+        if not (math.isfinite(args.power) and args.power > 0):
+            print("error: --power must be a finite number > 0", file=sys.stderr)
+            return 2
+        opts["power"] = args.power
+    if getattr(args, "rejuvenation", None) is not None:
+        if args.rejuvenation < 1:
+            print("error: --rejuvenation must be >= 1", file=sys.stderr)
+            return 2
+        opts["rejuvenation"] = args.rejuvenation
     try:
         cfg = ScaleConfig(
             task=args.task, methods=str(args.methods).split(","),
@@ -727,7 +774,7 @@ def run_scale(args: argparse.Namespace) -> int:
     print(out["table"])
     for msg in out["warnings"]:
         print(f"warning: {msg}", file=sys.stderr)
-    print("\nmean tokens generated / reward calls per run\n")
+    print("\nmean tokens generated / reward calls / distinct final candidates per run\n")
     print(out["compute_table"])
     print("\n" + out["match_line"])
     if out["paired_line"]:

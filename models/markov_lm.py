@@ -55,6 +55,8 @@ __all__ = [
     "TokenConstraint",
     "MarkovTestBed",
     "markov_lm",
+    "tempered",
+    "power_test_bed",
     "token_constraint",
     "toy_test_bed",
     "generate_step",
@@ -135,6 +137,20 @@ def markov_lm(
         delimiter_id=int(delimiter_id),
         token_names=tuple(token_names) if token_names is not None else None,
     )
+
+
+def tempered(lm: MarkovLM, alpha: float) -> MarkovLM:
+    r"""The chain sampled at temperature \(1/\alpha\): rows \(\propto P(u, \cdot)^\alpha\) (computed
+    in float64). A sequence drawn from it has law \(\prod_j P(w_{j-1}, w_j)^\alpha / Z_{w_{j-1}}\), not
+    \(P(w)^\alpha / Z\): the per-token normalisers \(Z_u = \sum_v P(u, v)^\alpha\) differ between
+    prefixes."""
+    if not np.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    log_p = alpha * np.asarray(lm.log_probs, np.float64)
+    m = np.max(log_p, axis=1, keepdims=True)
+    log_q = log_p - (m + np.log(np.sum(np.exp(log_p - m), axis=1, keepdims=True)))
+    return MarkovLM(jnp.asarray(log_q, jnp.float32), eos_id=lm.eos_id, delimiter_id=lm.delimiter_id,
+                    token_names=lm.token_names)
 
 
 class TokenConstraint(eqx.Module):
@@ -354,6 +370,20 @@ def generate_step(
         0, max_step_tokens, body, (tokens, length, done, active, key)
     )
     return state._replace(tokens=tokens, lengths=length, done=done)
+
+
+def power_test_bed(alpha: float, *, max_step_tokens: int = 3) -> MarkovTestBed:
+    r"""The exact reference of the power target \(\pi_\alpha(w) \propto P(w)^\alpha\) on the toy chain
+    of :func:`toy_test_bed` (no constraint): a test bed whose pair potential is
+    \(\varphi = (\alpha - 1) \log P\), so that \(P(w) e^{\Phi(w)} = P(w)^\alpha\) over complete sequences
+    (EOS or a full buffer), with steps drawn from the tempered chain (:func:`tempered`). Its
+    :mod:`models.markov_lm_exact` answers are those of \(\pi_\alpha\)."""
+    base = toy_test_bed(max_step_tokens=max_step_tokens)
+    log_p = np.asarray(base.lm.log_probs, np.float64)
+    v = log_p.shape[0]
+    constraint = token_constraint(v, pair_log_potential=(alpha - 1.0) * log_p)
+    return MarkovTestBed(lm=base.lm, constraint=constraint, prompt=base.prompt, max_length=base.max_length,
+                         max_step_tokens=max_step_tokens, proposal=tempered(base.lm, alpha))
 
 
 def toy_test_bed(*, proposal: bool = False, max_step_tokens: int = 3) -> MarkovTestBed:

@@ -116,10 +116,12 @@ def test_run_method_every_method_on_markov_lm():
     lm = MarkovStepLM(toy_test_bed().lm)
     common = dict(answer_fn=_answer, max_steps=6, max_step_tokens=3, max_new_tokens=6,
                   temperature=0.5, pg_iterations=2, num_chains=2)
+    tokens = {}
     for method in METHODS:
         reward = FinalAnswerVerifier(lambda t: _step_score(t, True)) if method == "bon" else \
             ProgrammaticStepVerifier(_step_score)
         res = run_method(method, jax.random.key(1), lm, [3], reward, 4, **common)
+        tokens[method] = res.compute.tokens_generated
         assert res.method == method
         assert res.answer == _answer(res.tokens), method
         assert res.text == lm.decode(res.tokens)
@@ -137,8 +139,10 @@ def test_run_method_every_method_on_markov_lm():
         if method in ("pg", "ptpg"):
             # initial PF + 2 sweeps per chain: more tokens than one PF
             assert c.tokens_generated > 3 * 4, c
-        if method == "pf":
+        if method in ("pf", "rm"):
             assert np.isfinite(res.log_evidence)
+            assert 1 <= res.diagnostics["unique_completions"] <= 4
+    assert tokens["rm"] > tokens["pf"]  # the re-generated steps are counted
     with pytest.raises(ValueError, match="method"):
         run_method("bogus", jax.random.key(0), lm, [3], ProgrammaticStepVerifier(_step_score), 4,
                    **common)
@@ -186,7 +190,7 @@ def test_method_registry_is_immutable_and_built_from_classes():
         modules.add(type(m).__module__)
         assert importlib.import_module(type(m).__module__) is not None
     assert len(modules) == len(METHODS)  # one file per method
-    assert set(METHODS) == {"pf", "pg", "ptpg", "bon", "wbon", "sc", "beam", "dvts"}
+    assert set(METHODS) == {"pf", "rm", "pg", "ptpg", "bon", "wbon", "sc", "beam", "dvts"}
     assert scale.method_names() == tuple(METHODS)
     assert get_method("pf") is METHODS["pf"] and get_method(METHODS["sc"]) is METHODS["sc"]
     with pytest.raises(ValueError, match="method must be one of"):

@@ -11,6 +11,8 @@ runs one of the methods of :data:`METHODS` — an immutable mapping name → :cl
 method      algorithm                                                            budget B is
 ==========  ===================================================================  ===============
 ``pf``      particle filtering: ``samplers.smc`` on the model                    N = B particles
+``rm``      resample-move PF: ``rejuvenation`` MH re-generations of the last     N = B particles
+            step before each move (invariant for the current target)
 ``pg``      particle Gibbs: a PF draws the first reference, then                 N = B particles
             ``pg_iterations`` conditional-SMC sweeps (optionally with            per sweep
             ancestor sampling)
@@ -26,7 +28,7 @@ method      algorithm                                                           
 ==========  ===================================================================  ===============
 
 so that pf, bon, wbon, sc, beam and dvts generate about B complete answers' worth of tokens at
-budget B; pg and ptpg spend (``pg_iterations`` + 1) times (× ``num_chains``) that, all counted.
+budget B; rm spends about (1 + ``rejuvenation``) times that; pg and ptpg spend (``pg_iterations`` + 1) times (× ``num_chains``) that, all counted.
 
 Answers: pf, pg and ptpg return the weighted majority answer Σ_i W_i 1{a_i = a} (pg/ptpg pool
 the weighted particle systems of every sweep of the target chain), bon the best-scored sample,
@@ -114,6 +116,8 @@ def run_method(
     ess_threshold: float | None = None,
     seed_selection: int = 0,
     callbacks: HostCallbacks | None = None,
+    power: float = 1.0,
+    rejuvenation: int = 1,
 ) -> MethodResult:
     """Run one inference-time scaling method (see the module docstring for budgets and answers).
 
@@ -145,6 +149,9 @@ def run_method(
         seed_selection: seed of ``selection="sample"``.
         callbacks: the experiment's :class:`~models.llm_fk.rewards.HostCallbacks` for the answer
             function (default: the reward's own, else a new one).
+        power: α of the power target p^α R^β (weights p^α/q per step; sample the LM at
+            temperature 1/α through ``sampling``); 1: the LM itself.
+        rejuvenation: MH moves per step of ``rm``.
 
     Returns:
         :class:`MethodResult`.
@@ -158,13 +165,14 @@ def run_method(
         raise ValueError(f"selection must be vote, argmax or sample, got {selection!r}")
     options = dict(pg_iterations=pg_iterations, num_chains=num_chains, chain_betas=chain_betas,
                    ancestor_sampling=ancestor_sampling, beam_width=beam_width, resampling=resampling,
-                   ess_threshold=ess_threshold, max_steps=max_steps)
+                   ess_threshold=ess_threshold, max_steps=max_steps, rejuvenation=rejuvenation)
     m.check_options(options)
     model = build_model(
         lm, prompt_ids, reward, answer_fn=answer_fn, max_steps=max_steps,
         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens, sampling=sampling,
         temperature=temperature, weighting=weighting, aggregation=aggregation, puri_link=puri_link,
         score_steps=m.eager_scoring(strategies.aggregation(aggregation)), callbacks=callbacks,
+        power=power,
     )
     ctx = RunContext(key=key, model=model, lm=model.lm, budget=budget,
                      answer_fn=answer_fn if answer_fn is not None else tuple, selection=selection,

@@ -54,5 +54,6 @@ class ParticleFilter(Method):
         return MethodResult(
             answers[i], ctx.lm.decode(comps[i]), comps[i], answers, w.tolist(),
             Compute(int(tok), int(calls), wall, comp), self.name, float(log_z),
-            {k: np.asarray(v).item() for k, v in flags.items()},
+            {**{k: np.asarray(v).item() for k, v in flags.items()},
+             "unique_completions": len({tuple(c) for c in comps})},
         )

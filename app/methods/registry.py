@@ -14,13 +14,14 @@ from app.methods.dvts import DVTS
 from app.methods.parallel_tempering import ParallelTemperingPG
 from app.methods.particle_filter import ParticleFilter
 from app.methods.particle_gibbs import ParticleGibbs
+from app.methods.resample_move import ResampleMove
 from app.methods.self_consistency import SelfConsistency
 from app.methods.weighted_best_of_n import WeightedBestOfN
 
 __all__ = ["METHODS", "get_method", "method_registry"]
 
 _CLASSES: tuple[type[Method], ...] = (
-    ParticleFilter, ParticleGibbs, ParallelTemperingPG, BestOfN, WeightedBestOfN, SelfConsistency,
+    ParticleFilter, ResampleMove, ParticleGibbs, ParallelTemperingPG, BestOfN, WeightedBestOfN, SelfConsistency,
     BeamSearch, DVTS,
 )
 

@@ -2,8 +2,8 @@
 
 - :mod:`models.llm_fk.step_lm`: the step protocol over language models (the JAX transformer of
   :mod:`models.llm`, and the exact Markov-chain LM of :mod:`models.markov_lm`);
-- :mod:`models.llm_fk.rewards`: reward models (verifiers, judges), scored incrementally per step,
-  and :class:`HostCallbacks` (the per-experiment table of Python callbacks);
+- :mod:`models.llm_fk.rewards`: reward models (verifiers, judges, self-certainty), scored
+  incrementally per step, and :class:`HostCallbacks` (the per-experiment table of Python callbacks);
 - :mod:`models.llm_fk.strategies`: weightings, aggregations and links (small ``eqx.Module`` s);
 - :mod:`models.llm_fk.ssm`: :class:`LLMFeynmanKac`, the model the samplers run;
 - :mod:`models.llm_fk.markov`: that model for the Markov-chain test bed
@@ -14,10 +14,12 @@ See docs/llm_as_ssm.md.
 """
 
 from models.llm_fk.rewards import (
+    ConstantReward,
     FinalAnswerVerifier,
     LLMJudge,
     ProgrammaticStepVerifier,
     RewardModel,
+    SelfCertainty,
     TokenPairReward,
     TokenVerifier,
     HostAnswer,
@@ -60,7 +62,7 @@ __all__ = [
     "AbstractStepLM", "StepLM", "MarkovStepLM", "MarkovDecodeState", "StepInfo", "generated_span",
     # rewards
     "RewardModel", "TokenPairReward", "TokenVerifier", "ProgrammaticStepVerifier", "FinalAnswerVerifier",
-    "LLMJudge", "host_rows", "HostCallbacks", "HostAnswer",
+    "LLMJudge", "SelfCertainty", "ConstantReward", "host_rows", "HostCallbacks", "HostAnswer",
     # strategies
     "AbstractWeighting", "TwistedWeighting", "PuriWeighting", "AbstractAggregation", "LastAggregation",
     "MinAggregation", "ProductAggregation", "ModelAggregation", "AbstractLink", "LogitLink", "IdentityLink",

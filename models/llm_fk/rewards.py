@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from models.llm_fk.step_lm import AbstractStepLM
+from models.llm_fk.step_lm import AbstractStepLM, StepInfo
+from ppl import tree
 from ppl import checks
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "ProgrammaticStepVerifier",
     "FinalAnswerVerifier",
     "LLMJudge",
+    "SelfCertainty",
+    "ConstantReward",
     "host_rows",
     "HostCallbacks",
     "HostAnswer",
@@ -84,9 +87,18 @@ class RewardModel(eqx.Module):
         return None
 
     def update(self, lm: AbstractStepLM, state, lm_state, prev_lengths: Int[Array, " N"],
-               active: Bool[Array, " N"], max_step_tokens: int) -> Any:
-        """Consume the new step (tokens ``prev_lengths ≤ j < lm_state.lengths`` of active rows)."""
+               active: Bool[Array, " N"], max_step_tokens: int, step: StepInfo | None = None) -> Any:
+        """Consume the new step (tokens ``prev_lengths ≤ j < lm_state.lengths`` of active rows;
+        ``step``: the step LM's :class:`~models.llm_fk.step_lm.StepInfo` of it, when known)."""
         return state
+
+    def truncate(self, lm: AbstractStepLM, state, lm_state, lengths: Int[Array, " N"]) -> Any:
+        """The state of every row after the generator was cut back to ``lengths`` (the parent of
+        the last step: resample-move). Default: a stateless reward."""
+        if state is None:
+            return None
+        raise NotImplementedError(f"{type(self).__name__} keeps a state but does not define truncate "
+                                  "(needed by resample-move)")
 
     def log_score(self, lm: AbstractStepLM, state, lm_state, prev_lengths: Int[Array, " N"],
                   finished: Bool[Array, " N"], active: Bool[Array, " N"]) -> Float[Array, " N"]:
@@ -448,7 +460,12 @@ class LLMJudge(RewardModel):
             return None
         return self.lm.broadcast(self.judge_prompt, lm_state.tokens.shape[0])
 
-    def update(self, lm, state, lm_state, prev_lengths, active, max_step_tokens):
+    def truncate(self, lm, state, lm_state, lengths):
+        if self.shared or state is None:
+            return None
+        return self.lm.truncate(state, state.prompt_lengths + (lengths - lm_state.prompt_lengths))
+
+    def update(self, lm, state, lm_state, prev_lengths, active, max_step_tokens, step=None):
         if self.shared:
             return state
         k = int(max_step_tokens)
@@ -476,3 +493,66 @@ class LLMJudge(RewardModel):
             return None
         judge_lengths = state_row.prompt_lengths + (lm_lengths - lm_prompt_length)
         return self.lm.rewind(state_row, judge_lengths)
+
+
+# ------------------------------------------------------------------------------------------------
+# rewards without a reward model
+# ------------------------------------------------------------------------------------------------
+
+
+class ConstantReward(RewardModel):
+    r"""\(\hat r = 1\) for every prefix: no reward model at all (the target is the LM itself, or
+    \(p^\alpha\) with ``power``; search then selects by nothing). Costs no reward call."""
+
+    scores_unfinished: ClassVar[bool] = False
+
+    def log_score(self, lm, state, lm_state, prev_lengths, finished, active):
+        return jnp.zeros(lm_state.lengths.shape, jnp.float32)
+
+
+class SelfCertainty(RewardModel):
+    r"""Self-certainty: the generator's own confidence, no reward model. With \(x_{1:n}\) the
+    generated tokens so far,
+
+    \[ \log \hat r(x_{1:n}) = \frac{1}{n} \sum_{j \le n} \log p(x_j \mid x_{<j}) \in (-\infty, 0], \]
+
+    the mean token log-probability under the LM at temperature 1 (\(\hat r\) is the inverse
+    per-token perplexity; 1 before any token). With the twisted weighting the target is
+    \(\pi(x) \propto p(x)\, \hat r(x)^\beta\): sequences the model is sure of, a reward that
+    cannot see correctness (it is "hacked" by confident repetition).
+
+    The state keeps the running sum of \(\log p\) at every step boundary (a [N, L] buffer over
+    the generator's token positions), read from the step LM's ``StepInfo``, so scoring costs
+    nothing and earlier prefixes (particle Gibbs' reference path, resample-move) stay valid.
+
+    References: Kadavath et al. (2022), "Language models (mostly) know what they know";
+    Kang, Zhao & Song (2025), "Scalable best-of-N selection for large language models via
+    self-certainty" (a KL form of the same idea).
+    """
+
+    def init_state(self, lm, lm_state):
+        return jnp.zeros(lm_state.tokens.shape, jnp.float32)
+
+    def update(self, lm, state, lm_state, prev_lengths, active, max_step_tokens, step=None):
+        if step is None:
+            raise ValueError("SelfCertainty needs the step's log-probability (StepInfo)")
+        width = state.shape[1]
+        started = prev_lengths > lm_state.prompt_lengths
+        before = jnp.take_along_axis(state, jnp.clip(prev_lengths - 1, 0, width - 1)[:, None], axis=1)[:, 0]
+        total = jnp.where(started, before, 0.0) + step.logprob
+        at = jnp.clip(lm_state.lengths - 1, 0, width - 1)
+        write = active & (lm_state.lengths > prev_lengths)
+        hit = (jnp.arange(width)[None, :] == at[:, None]) & write[:, None]
+        return jnp.where(hit, total[:, None], state)
+
+    def log_score(self, lm, state, lm_state, prev_lengths, finished, active):
+        width = state.shape[1]
+        n = lm_state.lengths - lm_state.prompt_lengths
+        total = jnp.take_along_axis(state, jnp.clip(lm_state.lengths - 1, 0, width - 1)[:, None], axis=1)[:, 0]
+        return jnp.where(n > 0, total / jnp.maximum(n, 1).astype(jnp.float32), 0.0)
+
+    def truncate(self, lm, state, lm_state, lengths):
+        return state  # the sums at earlier boundaries are still there
+
+    def rewind(self, lm, state_row, lm_prompt_length, lm_lengths):
+        return tree.broadcast_rows(state_row, lm_lengths.shape[0])

@@ -53,6 +53,7 @@ from __future__ import annotations
 from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
@@ -97,10 +98,13 @@ class LLMParticle(NamedTuple):
         step_tokens, step_logprob, step_logq: tokens of the last step, its log-probability under
             the LM (temperature 1) and under the sampling law.
         scored: the last step was sent to the reward model (a reward call).
-        log_step_reward: \(\log \hat r\) of the last scoring; ``log_reward``: aggregated \(\log R_t\).
+        log_step_reward: \(\log \hat r\) of the last scoring; ``log_reward``: aggregated \(\log R_t\);
+            ``prev_log_reward``: \(\log R\) before the last step (0 before the first).
         hist_*: [N, max_steps] per-step records (length after the step, \(\log R\), \(\log \hat r\),
             \(\log p\), \(\log q\), scored), 0 past ``num_steps``; they rebuild the trajectory
             (:meth:`~LLMFeynmanKac.path`).
+        rejuv_*: the resample-move of the last move (``rejuvenation > 0``): a re-generation of the
+            previous step proposed / accepted, its tokens and reward calls (0 otherwise).
     """
 
     lm: Any
@@ -113,16 +117,26 @@ class LLMParticle(NamedTuple):
     scored: Bool[Array, " N"]
     log_step_reward: Float[Array, " N"]
     log_reward: Float[Array, " N"]
+    prev_log_reward: Float[Array, " N"]
     hist_lengths: Int[Array, "N S"]
     hist_log_reward: Float[Array, "N S"]
     hist_log_step_reward: Float[Array, "N S"]
     hist_logprob: Float[Array, "N S"]
     hist_logq: Float[Array, "N S"]
     hist_scored: Bool[Array, "N S"]
+    rejuv_proposed: Bool[Array, " N"]
+    rejuv_accepted: Bool[Array, " N"]
+    rejuv_tokens: Int[Array, " N"]
+    rejuv_calls: Int[Array, " N"]
 
 
 def _tuple_answer(ids):
     return tuple(ids)
+
+
+def _no_rejuvenation(num: int) -> dict:
+    return dict(rejuv_proposed=jnp.zeros((num,), bool), rejuv_accepted=jnp.zeros((num,), bool),
+                rejuv_tokens=jnp.zeros((num,), jnp.int32), rejuv_calls=jnp.zeros((num,), jnp.int32))
 
 
 class PreviousView(NamedTuple):
@@ -139,6 +153,23 @@ def total_compute(step_info) -> tuple[Array, Array]:
     if step_info is None:
         raise ValueError("the result has no step_info (not an LLMFeynmanKac run?)")
     return jnp.sum(step_info["tokens"]), jnp.sum(step_info["reward_calls"])
+
+
+def _check_power(power) -> None:
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or not np.isfinite(power) or power <= 0:
+        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+
+
+def _check_rejuvenation(rejuvenation, weighting, score_steps, reward) -> None:
+    if isinstance(rejuvenation, bool) or not isinstance(rejuvenation, int) or rejuvenation < 0:
+        raise ValueError(f"rejuvenation must be an int >= 0 (Metropolis-Hastings moves per step), "
+                         f"got {rejuvenation!r}")
+    if rejuvenation == 0:
+        return
+    if not score_steps:
+        raise ValueError("rejuvenation needs score_steps=True (the acceptance ratio uses the step's reward)")
+    if getattr(weighting, "reweight_finished", False):
+        raise ValueError("rejuvenation needs absorbing finished particles (not reweight_finished=True)")
 
 
 class LLMFeynmanKac(AbstractFeynmanKac):
@@ -162,6 +193,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
     answer_fn_id: Any = None
     answer_ids_fn: Any = eqx.field(static=True, default=None)
     callbacks: HostCallbacks | None = eqx.field(static=True, default=None)
+    power: Float[Array, ""] = eqx.field(default_factory=lambda: jnp.asarray(1.0, jnp.float32))
+    rejuvenation: int = eqx.field(static=True, default=0)
 
     num_steps = None
 
@@ -194,6 +227,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         answer_fn: Callable[[list[int]], Hashable] | None = None,
         answer_ids_fn: Callable | None = None,
         callbacks: HostCallbacks | None = None,
+        power: float = 1.0,
+        rejuvenation: int = 0,
     ) -> "LLMFeynmanKac":
         r"""Prefill the prompt and bind the reward model (host side).
 
@@ -227,6 +262,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             callbacks: the :class:`~models.llm_fk.rewards.HostCallbacks` of the experiment
                 (answer function and its interning table); default: the reward model's own
                 (a host verifier's), else a new one.
+            power: \(\alpha > 0\): the base measure becomes \(p^\alpha\) (power target, see
+                :meth:`log_potential`); with \(\alpha \ne 1\) the weights always carry \(p^\alpha/q\) of
+                every step. Draw the steps at temperature \(1/\alpha\) for a good proposal.
+            rejuvenation: resample-move: this many Metropolis-Hastings re-generations of the last
+                step of every particle before each move (see :meth:`move`); 0: none.
         """
         if not isinstance(lm, AbstractStepLM):
             raise TypeError(f"lm must be an AbstractStepLM (StepLM, MarkovStepLM), got {type(lm).__name__}")
@@ -241,6 +281,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         aggregation = strategies.aggregation(aggregation)
         if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        _check_power(power)
+        _check_rejuvenation(rejuvenation, weighting, score_steps, reward)
         if not score_steps and not isinstance(aggregation, LastAggregation):
             raise ValueError("score_steps=False (score on demand) needs aggregation='last'")
         prompt_ids = [int(i) for i in prompt_ids]
@@ -283,6 +325,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             answer_fn_id=answer_fn_id,
             answer_ids_fn=answer_ids_fn,
             callbacks=callbacks,
+            power=jnp.asarray(float(power), jnp.float32),
+            rejuvenation=int(rejuvenation),
         )
 
     def with_inv_temperature(self, beta) -> "LLMFeynmanKac":
@@ -299,6 +343,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         reweight_finished: bool | None = None,
         correct_proposal: bool | None = None,
         score_steps: bool | None = None,
+        power: float | None = None,
+        rejuvenation: int | None = None,
     ) -> "LLMFeynmanKac":
         """A copy with options changed. ``temperature`` and ``correct_proposal`` are array leaves,
         so models that differ only in them share one compiled program (and can be ``vmap``-ed
@@ -328,8 +374,15 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             m = eqx.tree_at(lambda x: x.correct_proposal, m, jnp.asarray(bool(correct_proposal)))
         if score_steps is not None:
             m = dataclasses.replace(m, score_steps=bool(score_steps))
+        if power is not None:
+            _check_power(power)
+            m = eqx.tree_at(lambda x: x.power, m, jnp.asarray(float(power), jnp.float32))
+        if rejuvenation is not None:
+            _check_rejuvenation(rejuvenation, m.weighting, m.score_steps, m.reward)
+            m = dataclasses.replace(m, rejuvenation=int(rejuvenation))
         if not m.score_steps and not isinstance(m.aggregation, LastAggregation):
             raise ValueError("score_steps=False (score on demand) needs aggregation='last'")
+        _check_rejuvenation(m.rejuvenation, m.weighting, m.score_steps, m.reward)
         return m
 
     # ---------------------------------------------------------------------------------- shapes
@@ -358,12 +411,14 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored=jnp.zeros((num,), bool),
             log_step_reward=zf,
             log_reward=zf,
+            prev_log_reward=zf,
             hist_lengths=jnp.zeros((num, s), jnp.int32),
             hist_log_reward=jnp.zeros((num, s), jnp.float32),
             hist_log_step_reward=jnp.zeros((num, s), jnp.float32),
             hist_logprob=jnp.zeros((num, s), jnp.float32),
             hist_logq=jnp.zeros((num, s), jnp.float32),
             hist_scored=jnp.zeros((num, s), bool),
+            **_no_rejuvenation(num),
         )
 
     # ---------------------------------------------------------------------------------- one step
@@ -381,7 +436,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         finished = active & (lm_state.done | (num_steps >= self.max_steps))
         done = p.done | finished
         lm_state = lm_state._replace(done=lm_state.done | done)
-        rstate = self.reward.update(self.lm, p.reward, lm_state, prev_len, active, self.max_step_tokens)
+        rstate = self.reward.update(self.lm, p.reward, lm_state, prev_len, active, self.max_step_tokens,
+                                    step=info)
         if self.score_steps:
             scored = active & (done | self.reward.scores_unfinished)
             log_r = self.reward.log_score(self.lm, rstate, lm_state, prev_len, done, active)
@@ -414,12 +470,14 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored=scored,
             log_step_reward=log_r,
             log_reward=log_reward,
+            prev_log_reward=keep(p.log_reward, p.prev_log_reward),
             hist_lengths=put(p.hist_lengths, lm_state.lengths),
             hist_log_reward=put(p.hist_log_reward, log_reward),
             hist_log_step_reward=put(p.hist_log_step_reward, log_r),
             hist_logprob=put(p.hist_logprob, logp),
             hist_logq=put(p.hist_logq, logq),
             hist_scored=put(p.hist_scored, scored),
+            **_no_rejuvenation(active.shape[0]),
         )
 
     # ---------------------------------------------------------------------------------- protocol
@@ -427,15 +485,109 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         return self._advance(key, self.initial_state(num_particles))
 
     def move(self, key: PRNGKeyArray, t: Int[Array, ""], particles: LLMParticle) -> LLMParticle:
-        return self._advance(key, particles)
+        r"""Extend every unfinished particle by one step. With ``rejuvenation = k > 0``
+        (resample-move), first apply \(k\) Metropolis-Hastings moves to \(x_{t-1}\) that leave the
+        current target \(\gamma_{t-1}\) invariant (:meth:`rejuvenate`)."""
+        if self.rejuvenation == 0:
+            return self._advance(key, particles)
+        k_mh, k_adv = jax.random.split(key)
+        x = self.rejuvenate(k_mh, t, particles)
+        out = self._advance(k_adv, x)
+        return out._replace(rejuv_proposed=x.rejuv_proposed, rejuv_accepted=x.rejuv_accepted,
+                            rejuv_tokens=x.rejuv_tokens, rejuv_calls=x.rejuv_calls)
+
+    def parent(self, particles: LLMParticle, which: Bool[Array, " N"]) -> LLMParticle:
+        r"""The particles with their last step removed (\(x_{t-2}\) of \(x_{t-1}\)) on the rows
+        ``which`` (they must have taken at least one step and not be finished); the other rows are
+        returned unchanged but marked done (so a move leaves them alone)."""
+        p = particles
+        k = p.num_steps
+        prev_len = jnp.where(which, p.lm.lengths - p.step_tokens, p.lm.lengths)
+        idx = jnp.clip(k - 2, 0, self.max_steps - 1)[:, None]
+        log_prev = jnp.where(k >= 2, jnp.take_along_axis(p.hist_log_reward, idx, axis=1)[:, 0], 0.0)
+        lm = self.lm.truncate(p.lm, prev_len)
+        reward = self.reward.truncate(self.lm, p.reward, p.lm, prev_len)
+        return p._replace(
+            lm=lm._replace(done=~which), reward=reward, num_steps=jnp.where(which, k - 1, k),
+            done=~which, log_reward=jnp.where(which, log_prev, p.log_reward))
+
+    def _log_acceptance(self, log_g_proposed, log_g_current):
+        """Log Metropolis-Hastings ratio of the independence move of :meth:`rejuvenate`."""
+        return log_g_proposed - log_g_current
+
+    def rejuvenate(self, key: PRNGKeyArray, t: Int[Array, ""], particles: LLMParticle) -> LLMParticle:
+        r"""``rejuvenation`` independent Metropolis-Hastings moves on the last step of every particle
+        that took step \(t-1\) and is not finished (resample-move; Gilks & Berzuini 2001).
+
+        The current target is \(\gamma_{t-1}(x_{0:t-1}) = \gamma_{t-2}(x_{0:t-2})\, q(x_{t-1} \mid
+        x_{0:t-2})\, G_{t-1}(x_{0:t-1})\), so its conditional given the prefix \(x_{0:t-2}\) is
+        \(\propto q \cdot G_{t-1}\): re-generate the last step from the same prefix with the move's own
+        law \(q\) and accept with probability \(\min(1, G_{t-1}(x') / G_{t-1}(x))\) (an independence
+        sampler on that conditional; \(G\) includes the reward twist, \(p/q\) and the power
+        correction). Proposals that finish the particle are rejected (finished particles are
+        absorbing, and the move must not change which particles are): the kernel is the
+        Metropolis-Hastings kernel of \(\gamma_{t-1}\) restricted to unfinished continuations, and
+        the identity on finished particles, so \(\gamma_{t-1}\) stays invariant and properly weighted
+        particles stay properly weighted (it may be applied whether or not the step resampled).
+        Re-generating the last step is what separates particles that resampling made copies of.
+
+        Compute is counted: ``rejuv_tokens`` / ``rejuv_calls`` (in ``step_info``). Not for
+        conditional SMC (particle Gibbs pins a reference path the move would not see).
+        """
+        x = particles
+        eligible = (x.num_steps == t) & ~x.done
+        parent = self.parent(x, eligible)
+        view = PreviousView(log_reward=parent.log_reward, num_steps=parent.num_steps)
+        log_gx = self.log_potential(t - 1, view, x)
+
+        def one(i, carry):
+            cur, log_g, proposed, accepted, tokens, calls = carry
+            k_step, k_u = jax.random.split(jax.random.fold_in(key, i))
+            y = self._advance(k_step, parent)
+            log_gy = self.log_potential(t - 1, view, y)
+            log_u = jnp.log(jax.random.uniform(k_u, log_g.shape, minval=1e-38))
+            ok = eligible & ~y.done & (log_u < self._log_acceptance(log_gy, log_g)) & ~jnp.isnan(log_gy)
+            cur = tree.where_rows(ok, y, cur)
+            return (cur, jnp.where(ok, log_gy, log_g), proposed | eligible, accepted | ok,
+                    tokens + jnp.where(eligible, y.step_tokens, 0),
+                    calls + (eligible & y.scored).astype(jnp.int32))
+
+        z = jnp.zeros_like(x.num_steps)
+        init = (x, log_gx, jnp.zeros_like(eligible), jnp.zeros_like(eligible), z, z)
+        cur, _, proposed, accepted, tokens, calls = jax.lax.fori_loop(0, self.rejuvenation, one, init)
+        return cur._replace(rejuv_proposed=proposed, rejuv_accepted=accepted, rejuv_tokens=tokens,
+                            rejuv_calls=calls)
 
     def log_potential(self, t, previous, particles):
+        r"""\(\log G_t\) = the weighting's term (from \(R_{t-1}, R_t\)) plus, for a particle that took
+        step \(t\) with log-probabilities \(\log p\) (the LM at temperature 1) and \(\log q\) (the
+        law it was drawn from),
+
+        - \(\log p - \log q\) with ``correct_proposal`` (the base measure is \(p\));
+        - \(\alpha \log p - \log q\) with ``power`` \(\alpha \ne 1\): the base measure is
+          \(p^\alpha\), a token-level twist \(p^{\alpha-1}\) on \(p\), so that over a whole sequence
+          \(\prod_t G_t = p(x)^\alpha R(x)^\beta / q(x)\) and SMC targets
+          \(\pi_\alpha(x) \propto p(x)^\alpha R(x)^\beta\) with \(\hat Z\) unbiased for
+          \(\sum_x p(x)^\alpha R(x)^\beta\). With \(q\) = the LM at temperature \(1/\alpha\) the step
+          weight is \(\prod_j \sum_v p(v \mid x_{<j})^\alpha\): the normalisers that temperature
+          sampling drops (which is why sampling at \(1/\alpha\) alone is *not* \(p^\alpha\)).
+          A finished sequence is absorbing, so EOS and the length cap are part of \(x\).
+
+        References: Azizi, Baghaei Potraghloo, Ahmadi, Kundu & Pedram (2026), "Power-SMC:
+        low-latency sequence-level power sampling for training-free LLM reasoning"
+        (arXiv:2602.10273); Karan & Du (2025), "Reasoning with sampling: your base model is
+        smarter than you think" (Metropolis-Hastings on \(p^\alpha\))."""
         log_prev = None if previous is None else previous.log_reward
+        if previous is not None and self.rejuvenation > 0:
+            # the engine's view of x_{t-1} predates the move, which rejuvenated x_{t-1} first
+            log_prev = particles.prev_log_reward
         log_g = self.weighting.log_potential(self.inv_temperature, log_prev, particles.log_reward)
         before = 0 if previous is None else previous.num_steps
         moved = particles.num_steps == before + 1
-        ratio = jnp.where(moved & self.correct_proposal, particles.step_logprob - particles.step_logq, 0.0)
-        return log_g + ratio
+        powered = self.power != 1.0
+        logp, logq = particles.step_logprob, particles.step_logq
+        ratio = jnp.where(self.correct_proposal | powered, self.power * logp - logq, 0.0)
+        return log_g + jnp.where(moved, ratio, 0.0)
 
     def log_transition(self, t, previous, particles):
         r"""\(\log M_t(x_{t-1} \to x_t)\) pairwise: the step's log-probability under the sampling law
@@ -466,8 +618,11 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         (particles scored) by the particles that took a step (all of them at \(t = 0\))."""
         before = 0 if previous is None else previous.num_steps
         moved = particles.num_steps == before + 1
-        return {"tokens": jnp.sum(jnp.where(moved, particles.step_tokens, 0)).astype(jnp.int32),
-                "reward_calls": jnp.sum(moved & particles.scored).astype(jnp.int32)}
+        p = particles
+        return {"tokens": jnp.sum(jnp.where(moved, p.step_tokens + p.rejuv_tokens, 0)).astype(jnp.int32),
+                "reward_calls": jnp.sum(jnp.where(moved, p.scored + p.rejuv_calls, 0)).astype(jnp.int32),
+                "moves_proposed": jnp.sum(moved & p.rejuv_proposed).astype(jnp.int32),
+                "moves_accepted": jnp.sum(moved & p.rejuv_accepted).astype(jnp.int32)}
 
     # ---------------------------------------------------------------------------------- search
     def score(self, particles: LLMParticle) -> Float[Array, " N"]:
@@ -576,12 +731,14 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored=p.hist_scored[idx],
             log_step_reward=p.hist_log_step_reward[idx],
             log_reward=p.hist_log_reward[idx],
+            prev_log_reward=jnp.where(idx > 0, p.hist_log_reward[jnp.maximum(idx - 1, 0)], 0.0),
             hist_lengths=hist(p.hist_lengths),
             hist_log_reward=hist(p.hist_log_reward),
             hist_log_step_reward=hist(p.hist_log_step_reward),
             hist_logprob=hist(p.hist_logprob),
             hist_logq=hist(p.hist_logq),
             hist_scored=hist(p.hist_scored),
+            **_no_rejuvenation(s),
         )
 
     # ---------------------------------------------------------------------------------- host

@@ -126,6 +126,12 @@ class AbstractStepLM(eqx.Module):
         """The states of one row (leaves without the particle axis) cut back to each of the
         ``lengths`` (≤ its length): leaves [T, ...], with the right next-token distribution."""
 
+    def truncate(self, state, lengths: Int[Array, " N"]):
+        """Every row cut back to ``lengths[i]`` (≤ its length, ≥ its prompt length), not done, with
+        the right next-token distribution: the parent of a particle's last step (resample-move
+        re-generates that step). Slots past the new lengths are scratch."""
+        raise NotImplementedError(f"{type(self).__name__} does not define truncate (needed by resample-move)")
+
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Host: the text of a list of token ids."""
@@ -246,6 +252,25 @@ class StepLM(AbstractStepLM):
         return rows._replace(tokens=tokens, lengths=lengths.astype(jnp.int32), logits=logits,
                              done=lengths >= width)
 
+    def truncate(self, state, lengths):
+        # The cache keeps the shorter prefix (slots past a length are never attended to); only the
+        # next-token logits are recomputed, by forcing the token at lengths - 1 again (one batched
+        # one-token forward). Rows already at ``lengths`` keep their logits.
+        lengths = lengths.astype(jnp.int32)
+        width = state.tokens.shape[1]
+        last = jnp.take_along_axis(state.tokens, jnp.maximum(lengths - 1, 0)[:, None], axis=1)
+        short = state._replace(lengths=jnp.maximum(lengths - 1, 0), done=jnp.zeros_like(state.done))
+        asked = self.force(short, last, jnp.ones_like(lengths))
+        same = lengths == state.lengths
+        keep = jnp.arange(width)[None, :] < lengths[:, None]
+        return asked._replace(
+            tokens=jnp.where(keep, state.tokens, self.pad_id),
+            lengths=lengths,
+            logits=jnp.where(same[:, None], state.logits, asked.logits),
+            done=jnp.zeros_like(state.done),
+            logprob=state.logprob,
+        )
+
     def decode(self, ids):
         ids = [int(i) for i in ids]
         if self.tokenizer is None:
@@ -357,6 +382,12 @@ class MarkovStepLM(AbstractStepLM):
             jnp.broadcast_to(state_row.prompt_lengths, (t,)),
             lengths >= width,
         )
+
+    def truncate(self, state, lengths):
+        width = state.tokens.shape[1]
+        keep = jnp.arange(width)[None, :] < lengths[:, None]
+        return state._replace(tokens=jnp.where(keep, state.tokens, MARKOV_PAD).astype(state.tokens.dtype),
+                              lengths=lengths.astype(jnp.int32), done=jnp.zeros_like(state.done))
 
     @property
     def move_lm(self) -> MarkovLM:
