@@ -81,3 +81,43 @@ def test_rejuvenation_options(base):
         base.with_options(weighting="puri", reweight_finished=True, rejuvenation=1)
     assert base.with_options(rejuvenation=2).rejuvenation == 2
     assert base.rejuvenation == 0
+
+
+def test_transformer_truncate_and_resample_move():
+    """The transformer's ``truncate`` (the parent of the last step) has the next-token logits of a
+    fresh prefill of the shorter prefix, and resample-move runs on the transformer under jit with
+    every re-generated token counted."""
+    import equinox as eqx
+    import jax
+
+    from models.llm import ModelConfig, init_random
+    from models.llm_fk.rewards import SelfCertainty
+    from models.llm_fk.step_lm import StepLM
+    from samplers.smc import smc
+
+    cfg = ModelConfig(arch="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+                      num_heads=2, num_kv_heads=1, head_dim=8, eos_token_ids=(1,))
+    lm = StepLM(init_random(cfg, jax.random.key(0), scale=0.5), None, (2, 3), (1,))
+    model = LLMFeynmanKac.build(lm, [4, 5, 6], SelfCertainty(), max_steps=6, max_step_tokens=3)
+    p = model.init(jax.random.key(1), 6)
+    p = model.move(jax.random.key(2), jnp.asarray(1), p)
+    prev = p.lm.lengths - p.step_tokens
+    cut = lm.truncate(p.lm, prev)
+    for i in range(6):
+        n = int(prev[i])
+        fresh = lm.prefill(np.asarray(p.lm.tokens[i, :n]).tolist(), 4)
+        np.testing.assert_allclose(np.asarray(cut.logits[i]), np.asarray(fresh.logits[0]), atol=2e-5)
+        assert int(cut.lengths[i]) == n and not bool(cut.done[i])
+
+    @eqx.filter_jit
+    def run(m, key):
+        r = smc(key, m, 8, ess_threshold=1.0, max_steps=m.max_num_steps)
+        return r.log_evidence, r.step_info
+
+    rm = model.with_options(rejuvenation=1)
+    log_z, info = run(rm, jax.random.key(3))
+    log_z0, info0 = run(model, jax.random.key(3))
+    assert np.isfinite(float(log_z)) and np.isfinite(float(log_z0))
+    assert int(info["moves_proposed"].sum()) > 0 and int(info["moves_accepted"].sum()) > 0
+    assert int(info0["moves_proposed"].sum()) == 0
+    assert int(info["tokens"].sum()) > int(info0["tokens"].sum())
