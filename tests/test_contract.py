@@ -158,8 +158,10 @@ def _smc_lgssm(**kwargs) -> Entry:
     return Entry(run, _one_particle(model), (N,))
 
 
-def _smc_markov_lm() -> Entry:
+def _smc_markov_lm(**options) -> Entry:
     model = toy_reasoning_model()  # an LLMFeynmanKac on the Markov-chain LM
+    if options:  # power target / resample-move (models.llm_fk.ssm)
+        model = model.with_options(**options)
 
     def run(key):
         res = smc(key, model, N, max_steps=model.max_num_steps)
@@ -452,6 +454,8 @@ REGISTRY: dict[str, Callable[[], Entry]] = {
     "smc-residual": lambda: _smc_lgssm(resampling="residual", ess_threshold=1.0),
     "smc-multinomial": lambda: _smc_lgssm(resampling="multinomial", ess_threshold=1.0),
     "smc-variable-horizon": _smc_markov_lm,
+    "smc-llm-power-target": lambda: _smc_markov_lm(power=2.0),
+    "smc-llm-resample-move": lambda: _smc_markov_lm(rejuvenation=1),
     "smc-kernel": _kernel,
     "csmc": lambda: _smc_lgssm(conditional=True),
     "csmc-ancestor-sampling": lambda: _smc_lgssm(conditional=True, ancestor_sampling=True),
