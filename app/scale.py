@@ -239,7 +239,7 @@ def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cf
     t0 = time.perf_counter()
     res = run_fn(method, run_key(seed, prompt_index), lm, prompt_ids, host.reward(task),
                  budget, answer_fn=host.answer_fn(task, lm), max_steps=max_steps,
-                 max_step_tokens=cfg.max_step_tokens, **cfg.method_options)
+                 max_step_tokens=cfg.max_step_tokens, callbacks=host.callbacks, **cfg.method_options)
     elapsed = time.perf_counter() - t0
     c = res.compute
     cands = [str(a) for a in (getattr(res, "all_answers", None) or [])]

@@ -127,6 +127,25 @@ def test_run_experiment_report_and_resume(tmp_path):
         run_experiment(other, lm=_LM(), progress=False, resume=True, run_fn=boom)
 
 
+def test_runs_share_the_host_callbacks(tmp_path):
+    """Every run of an experiment gets the host's one HostCallbacks (a static field of the model):
+    with a reward that has no callbacks of its own (judge, self-certainty, prm, none), a new table
+    per run would make every run compile again."""
+    seen = []
+    inner = _fake_run({"pf": lambda b: 0.5, "rm": lambda b: 0.5})
+
+    def run(*args, **kw):
+        seen.append((kw["callbacks"], type(args[4]).__name__))
+        return inner(*args, **kw)
+
+    cfg = ScaleConfig("letter_words", methods=["pf", "rm"], budgets=[2], seeds=1, num_prompts=3,
+                      reward="self-certainty", output_dir=str(tmp_path))
+    rows = run_experiment(cfg, lm=_LM(), progress=False, run_fn=run)
+    assert len(rows) == len(seen) == 6
+    assert all(c is seen[0][0] for c, _ in seen) and {name for _, name in seen} == {"SelfCertainty"}
+    assert all(r["unique_answers"] >= 1 for r in rows)
+
+
 def test_common_random_numbers_across_methods(tmp_path):
     """Same (seed, prompt) key for every method and budget: identical methods agree run by run."""
     cfg = ScaleConfig("letter_words", methods=["pf", "bon"], budgets=[2], seeds=3, num_prompts=4,
