@@ -547,8 +547,12 @@ def format_compute_table(summary: dict, methods: Sequence[str], budgets: Sequenc
 
 
 def plot_scaling(summary: dict, methods: Sequence[str], budgets: Sequence[int], path: str,
-                 title: str = "") -> str:
-    """Accuracy vs budget (log2 x-axis), one line per method, error bars = CI over prompts."""
+                 title: str = "", x_axis: str = "budget") -> str:
+    """Accuracy vs budget (``x_axis="budget"``) or vs mean tokens generated per run
+    (``"tokens"``: equal-compute comparison), log2 x-axis, one line per method, error bars = the
+    bootstrap interval over prompts (the Wilson interval over runs below 5 prompts)."""
+    if x_axis not in ("budget", "tokens"):
+        raise ValueError(f"x_axis must be 'budget' or 'tokens', got {x_axis!r}")
     import matplotlib
 
     if "matplotlib.pyplot" not in sys.modules:
@@ -561,17 +565,22 @@ def plot_scaling(summary: dict, methods: Sequence[str], budgets: Sequence[int], 
         if not vs:
             continue
         # a small horizontal offset per method keeps overlapping error bars readable
-        x = np.array([v["budget"] for v in vs], float) * 2.0 ** (0.04 * (k - (len(methods) - 1) / 2))
+        key = "budget" if x_axis == "budget" else "tokens_generated"
+        x = np.array([v[key] for v in vs], float) * 2.0 ** (0.04 * (k - (len(methods) - 1) / 2))
         y = np.array([v["accuracy"] for v in vs])
-        lo = y - np.array([v["ci_prompts"][0] for v in vs])
-        hi = np.array([v["ci_prompts"][1] for v in vs]) - y
+        ci = [v["ci_prompts"] if np.all(np.isfinite(v["ci_prompts"])) else v["ci"] for v in vs]
+        lo = np.maximum(y - np.array([c[0] for c in ci]), 0.0)
+        hi = np.maximum(np.array([c[1] for c in ci]) - y, 0.0)
         style = (dict(lw=2.2, marker="o") if m == "pf" else dict(lw=1.6, marker="s", ls="--")
                  if m == "pf-argmax" else dict(lw=1.3, marker="."))
         ax.errorbar(x, y, yerr=[lo, hi], capsize=2, label=m, **style)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(budgets))
-    ax.set_xticklabels([str(b) for b in budgets])
-    ax.set_xlabel("budget (particles / samples)")
+    if x_axis == "budget":
+        ax.set_xticks(list(budgets))
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.set_xlabel("budget (particles / samples)")
+    else:
+        ax.set_xlabel("tokens generated per run (mean)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -616,6 +625,10 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
         match2 = pf_matching_budget(summary, method="pf-argmax")
         line += "\n" + matching_line(match2)
         paired_line += "\n" + format_paired(paired_difference(rows, "pf-argmax"), "pf-argmax")
+    if {"rm", "bon"} <= set(methods):
+        paired_line += "\n" + format_paired(paired_difference(rows, "rm"), "rm")
+    if {"rm", "pf"} <= set(methods):
+        paired_line += "\n" + format_paired(paired_difference(rows, "rm", "pf"), "rm", "pf")
     notes = sample_size_warnings(summary)
     for msg in notes:
         warnings.warn(f"ppl scale: {msg}", UserWarning, stacklevel=2)
@@ -625,9 +638,11 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
         os.makedirs(cfg.output_dir, exist_ok=True)
         n_prompts = len({r["prompt"] for r in rows})
         n_seeds = len({r["seed"] for r in rows})
+        title = f"{cfg.task}: {n_prompts} prompts × {n_seeds} seeds (SmolLM2-135M), reward {cfg.reward}"
         png = plot_scaling(summary, methods, budgets,
-                           os.path.join(cfg.output_dir, "accuracy_vs_budget.png"),
-                           title=f"{cfg.task}: {n_prompts} prompts × {n_seeds} seeds (SmolLM2-135M)")
+                           os.path.join(cfg.output_dir, "accuracy_vs_budget.png"), title=title)
+        plot_scaling(summary, methods, budgets, os.path.join(cfg.output_dir, "accuracy_vs_tokens.png"),
+                     title=title, x_axis="tokens")
         with open(os.path.join(cfg.output_dir, "table.md"), "w") as f:
             warn_md = "".join(f"\n**Warning:** {m}.\n" for m in notes)
             f.write(f"{TABLE_HEADING}\n\n{table}\n{warn_md}\n"

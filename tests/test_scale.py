@@ -322,3 +322,27 @@ def test_smoke_real_methods_tiny_model(tmp_path):
         assert len(r["candidates"]) == len(r["weights"]) == r["budget"]
         assert abs(sum(r["weights"]) - 1) < 1e-5
     assert os.path.getsize(tmp_path / "accuracy_vs_budget.png") > 0
+
+
+def test_compare_runs_pairs_cells(tmp_path, capsys):
+    """app.compare_runs pairs two cells on (prompt, seed); --draw scores a run by Σ W·correct."""
+    from app import compare_runs
+
+    def row(method, b, prompt, correct, w, ok):
+        return dict(method=method, budget=b, prompt=prompt, seed=0, correct=correct, weights=w,
+                    candidates_correct=ok)
+
+    a = [row("pf", 4, p, c, [0.75, 0.25], [True, False]) for p, c in enumerate([1, 1, 0, 1, 0, 1])]
+    b = [row("pf", 1, p, c, [1.0], [False]) for p, c in enumerate([0, 1, 0, 0, 0, 0])]
+    (tmp_path / "a.json").write_text(json.dumps({"rows": a}))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    res = compare_runs.compare(compare_runs.load_cell(f"{tmp_path}/a.json:pf@4"),
+                               compare_runs.load_cell(f"{tmp_path}/b.json:pf@1"))
+    assert (res["n"], res["wins"], res["losses"]) == (6, 3, 0)
+    assert res["diff"] == pytest.approx(0.5) and res["diff_ci"][0] <= 0.5 <= res["diff_ci"][1]
+    draw = compare_runs.load_cell(f"{tmp_path}/a.json:pf@4", draw=True)
+    assert all(v == pytest.approx(0.75) for v in draw.values())
+    assert compare_runs.main([f"{tmp_path}/a.json:pf@4", f"{tmp_path}/b.json:pf@1", "--draw"]) == 0
+    assert "sign test" in capsys.readouterr().out
+    assert compare_runs.main([f"{tmp_path}/a.json:bon@4", f"{tmp_path}/b.json:pf@1"]) == 2
+    assert "no runs of bon@4" in capsys.readouterr().err
