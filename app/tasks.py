@@ -388,3 +388,86 @@ def measure_success(
     s = sum(ok)
     return {"rate": s / len(ok), "ci95": wilson_interval(s, len(ok)), "successes": s,
             "trials": len(ok), "per_task": per_task, "texts": texts, "correct": ok}
+
+
+# ------------------------------------------------------------------------------------------------
+# training prompts (for learned rewards): the same four families, disjoint from FAMILIES
+# ------------------------------------------------------------------------------------------------
+
+# letters not used by the evaluation prompts (FAMILIES uses A B C D F G H L M P R S T W)
+_TRAIN_LETTER_SPECS = [("E", 2), ("K", 3), ("N", 2), ("O", 3), ("I", 2), ("J", 3), ("V", 2), ("Y", 3),
+                       ("U", 2), ("Z", 3), ("Q", 2), ("E", 3), ("K", 2), ("N", 3), ("O", 2), ("I", 3),
+                       ("J", 2), ("V", 3), ("Y", 2), ("U", 3)]
+# bounds not used by the evaluation prompts
+_TRAIN_NUMBER_SPECS = [
+    ("greater", 30, None), ("greater", 70, None), ("greater", 500, None), ("greater", 5, None),
+    ("less", 50, None), ("less", 30, None), ("less", 1000, None),
+    ("between", 1, 10), ("between", 20, 30), ("between", 200, 300),
+]
+# closed categories not among the evaluation ones: category -> its complete members (and variants)
+_TRAIN_CATEGORIES = {
+    "cardinal directions": "north south east west",
+    "suits in a deck of playing cards": "hearts diamonds clubs spades heart diamond club spade",
+    "states of matter": "solid liquid gas plasma",
+    "Great Lakes of North America": "superior michigan huron erie ontario",
+    "noble gases": "helium neon argon krypton xenon radon oganesson",
+    "colors of a traffic light": "red yellow amber green",
+    "meals of the day": "breakfast lunch dinner supper brunch",
+    "houses of Hogwarts": "gryffindor hufflepuff ravenclaw slytherin",
+    "Scandinavian countries": "denmark norway sweden",
+    "colors of the Olympic rings": "blue yellow black green red",
+}
+_TRAIN_PREFIXES = ("lake ", "house ", "the ")
+_TRAIN_ACROSTIC_WORDS = ["AN", "BAG", "GO", "FIG", "HE", "JAR", "IN", "LOG", "ME", "NET",
+                         "NO", "OWL", "SO", "RUG", "UP", "VAN", "WE", "ANT", "OF", "HEN"]
+
+
+def _train_key(item: str) -> str:
+    k = _category_key(item)
+    for pre in _TRAIN_PREFIXES:
+        if k.startswith(pre):
+            k = k[len(pre):]
+    return k
+
+
+def _train_closed_set(category: str, n: int) -> ListTask:
+    members = frozenset(_TRAIN_CATEGORIES[category].split())
+
+    def ok(item: str, _i: int) -> bool:
+        return item.lower().strip() in members or _train_key(item) in members
+
+    prompt = f"Name {_NUMBER_WORDS[n]} {category}."
+    return ListTask("closed_set", prompt, n, ok, description=f"{n} {category}", canon=_train_key)
+
+
+def _train_family(family: str) -> list[ListTask]:
+    if family == "letter_words":
+        return [letter_words(L, n) for L, n in _TRAIN_LETTER_SPECS]
+    if family == "number_list":
+        return [number_list(k, a, b, n) for (k, a, b) in _TRAIN_NUMBER_SPECS for n in (2, 3)]
+    if family == "closed_set":
+        return [_train_closed_set(c, n) for c in _TRAIN_CATEGORIES for n in (2, 3)]
+    if family == "acrostic":
+        return [acrostic(w) for w in _TRAIN_ACROSTIC_WORDS]
+    raise ValueError(f"unknown task family {family!r}; choose from {sorted(FAMILIES)}")
+
+
+def train_tasks(family: str, num: int | None = None) -> list[ListTask]:
+    """The first ``num`` of 20 *training* prompts of ``family`` (all when None): the same task family
+    and checker as :data:`FAMILIES` on other letters, number bounds, categories and acrostic words,
+    for fitting learned rewards (:mod:`app.train_prm`). Disjoint from the evaluation prompts: no
+    prompt text is shared (checked here), and the letters, bounds, categories and acrostic words all
+    differ from those of the evaluation prompts (by construction; tests/test_prm.py checks it)."""
+    tasks = _train_family(family)
+    if num is not None:
+        if not isinstance(num, int) or num < 1:
+            raise ValueError(f"num must be a positive integer, got {num!r}")
+        if num > len(tasks):
+            raise ValueError(f"family {family!r} has {len(tasks)} training prompts, asked for {num}")
+        tasks = tasks[:num]
+    evaluation = {t.prompt for t in FAMILIES[family]()}
+    shared = [t.prompt for t in tasks if t.prompt in evaluation]
+    if shared:
+        raise RuntimeError(f"training prompts shared with the evaluation prompts: {shared}")
+    return tasks
+__all__ += ["train_tasks"]
