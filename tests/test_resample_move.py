@@ -114,10 +114,8 @@ def test_transformer_truncate_and_resample_move():
         r = smc(key, m, 8, ess_threshold=1.0, max_steps=m.max_num_steps)
         return r.log_evidence, r.step_info
 
-    rm = model.with_options(rejuvenation=1)
-    log_z, info = run(rm, jax.random.key(3))
-    log_z0, info0 = run(model, jax.random.key(3))
-    assert np.isfinite(float(log_z)) and np.isfinite(float(log_z0))
+    log_z, info = run(model.with_options(rejuvenation=1), jax.random.key(3))
+    assert np.isfinite(float(log_z))
     assert int(info["moves_proposed"].sum()) > 0 and int(info["moves_accepted"].sum()) > 0
-    assert int(info0["moves_proposed"].sum()) == 0
-    assert int(info["tokens"].sum()) > int(info0["tokens"].sum())
+    # every particle moves at t = 0; afterwards each step is generated once more per proposal
+    assert int(info["tokens"].sum()) > 8 + int(info["moves_proposed"].sum())

@@ -62,12 +62,12 @@ def test_self_certainty_scores_and_path(bed):
     """log r̂ equals the mean log p of the generated tokens, after every step and on every state of
     the rebuilt path (particle Gibbs' reference)."""
     model = _model(bed, SelfCertainty())
-    p = model.init(jax.random.key(0), 8)
+    p = model.init(jax.random.key(0), 4)
     for t in range(1, 3):
         p = model.move(jax.random.key(t), jnp.asarray(t), p)
     lp = np.asarray(bed.lm.log_probs, np.float64)
     toks, lens = np.asarray(p.lm.tokens), np.asarray(p.lm.lengths)
-    for i in range(8):
+    for i in range(4):
         seq = toks[i, : lens[i]]
         want = np.mean([lp[a, b] for a, b in zip(seq[:-1], seq[1:])])
         np.testing.assert_allclose(float(p.log_reward[i]), want, rtol=1e-5)

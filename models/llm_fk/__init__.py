@@ -4,6 +4,8 @@
   :mod:`models.llm`, and the exact Markov-chain LM of :mod:`models.markov_lm`);
 - :mod:`models.llm_fk.rewards`: reward models (verifiers, judges, self-certainty), scored
   incrementally per step, and :class:`HostCallbacks` (the per-experiment table of Python callbacks);
+- :mod:`models.llm_fk.prm`: :class:`HiddenStatePRM`, a learned process reward on the generator's
+  hidden states (shipped weights, trained by ``python -m app.train_prm``);
 - :mod:`models.llm_fk.strategies`: weightings, aggregations and links (small ``eqx.Module`` s);
 - :mod:`models.llm_fk.ssm`: :class:`LLMFeynmanKac`, the model the samplers run;
 - :mod:`models.llm_fk.markov`: that model for the Markov-chain test bed
@@ -27,6 +29,7 @@ from models.llm_fk.rewards import (
     host_rows,
 )
 from models.llm_fk.markov import from_markov_model, toy_reasoning_model
+from models.llm_fk.prm import HiddenStatePRM
 from models.llm_fk.ssm import (
     AGGREGATIONS,
     PURI_LINKS,
@@ -62,7 +65,7 @@ __all__ = [
     "AbstractStepLM", "StepLM", "MarkovStepLM", "MarkovDecodeState", "StepInfo", "generated_span",
     # rewards
     "RewardModel", "TokenPairReward", "TokenVerifier", "ProgrammaticStepVerifier", "FinalAnswerVerifier",
-    "LLMJudge", "SelfCertainty", "ConstantReward", "host_rows", "HostCallbacks", "HostAnswer",
+    "LLMJudge", "SelfCertainty", "ConstantReward", "HiddenStatePRM", "host_rows", "HostCallbacks", "HostAnswer",
     # strategies
     "AbstractWeighting", "TwistedWeighting", "PuriWeighting", "AbstractAggregation", "LastAggregation",
     "MinAggregation", "ProductAggregation", "ModelAggregation", "AbstractLink", "LogitLink", "IdentityLink",
