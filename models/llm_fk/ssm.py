@@ -524,18 +524,22 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         \(\propto q \cdot G_{t-1}\): re-generate the last step from the same prefix with the move's own
         law \(q\) and accept with probability \(\min(1, G_{t-1}(x') / G_{t-1}(x))\) (an independence
         sampler on that conditional; \(G\) includes the reward twist, \(p/q\) and the power
-        correction). Proposals that finish the particle are rejected (finished particles are
-        absorbing, and the move must not change which particles are): the kernel is the
-        Metropolis-Hastings kernel of \(\gamma_{t-1}\) restricted to unfinished continuations, and
-        the identity on finished particles, so \(\gamma_{t-1}\) stays invariant and properly weighted
-        particles stay properly weighted (it may be applied whether or not the step resampled).
+        correction). A proposal must stay in the particle's class: an unfinished particle only
+        moves to an unfinished continuation, a particle that finished at step \(t-1\) only to a
+        finished one (finished particles are absorbing, and the move must not change which
+        particles the engine treats as finished). The kernel is the Metropolis-Hastings kernel of
+        \(\gamma_{t-1}\) restricted to each class (and the identity on particles that finished
+        earlier), so \(\gamma_{t-1}\) stays invariant and properly weighted particles stay properly
+        weighted (it may be applied whether or not the step resampled). Just-finished particles are
+        rejuvenated only when the engine does not restore finished rows after a move
+        (``move_keeps_done``).
         Re-generating the last step is what separates particles that resampling made copies of.
 
         Compute is counted: ``rejuv_tokens`` / ``rejuv_calls`` (in ``step_info``). Not for
         conditional SMC (particle Gibbs pins a reference path the move would not see).
         """
         x = particles
-        eligible = (x.num_steps == t) & ~x.done
+        eligible = (x.num_steps == t) & (~x.done | self.move_keeps_done)
         parent = self.parent(x, eligible)
         view = PreviousView(log_reward=parent.log_reward, num_steps=parent.num_steps)
         log_gx = self.log_potential(t - 1, view, x)
@@ -546,7 +550,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             y = self._advance(k_step, parent)
             log_gy = self.log_potential(t - 1, view, y)
             log_u = jnp.log(jax.random.uniform(k_u, log_g.shape, minval=1e-38))
-            ok = eligible & ~y.done & (log_u < self._log_acceptance(log_gy, log_g)) & ~jnp.isnan(log_gy)
+            same_class = y.done == x.done  # finished stays finished, unfinished stays unfinished
+            ok = eligible & same_class & (log_u < self._log_acceptance(log_gy, log_g)) & ~jnp.isnan(log_gy)
             cur = tree.where_rows(ok, y, cur)
             return (cur, jnp.where(ok, log_gy, log_g), proposed | eligible, accepted | ok,
                     tokens + jnp.where(eligible, y.step_tokens, 0),
@@ -619,10 +624,15 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         before = 0 if previous is None else previous.num_steps
         moved = particles.num_steps == before + 1
         p = particles
-        return {"tokens": jnp.sum(jnp.where(moved, p.step_tokens + p.rejuv_tokens, 0)).astype(jnp.int32),
-                "reward_calls": jnp.sum(jnp.where(moved, p.scored + p.rejuv_calls, 0)).astype(jnp.int32),
-                "moves_proposed": jnp.sum(moved & p.rejuv_proposed).astype(jnp.int32),
-                "moves_accepted": jnp.sum(moved & p.rejuv_accepted).astype(jnp.int32)}
+        # resample-move fields are fresh on every row after a move, unless the engine restored a
+        # finished row (not move_keeps_done): then only rows that moved carry this move's values
+        fresh = moved | self.move_keeps_done
+        return {"tokens": jnp.sum(jnp.where(moved, p.step_tokens, 0) + jnp.where(fresh, p.rejuv_tokens, 0)
+                                  ).astype(jnp.int32),
+                "reward_calls": jnp.sum(jnp.where(moved, p.scored, 0) + jnp.where(fresh, p.rejuv_calls, 0)
+                                        ).astype(jnp.int32),
+                "moves_proposed": jnp.sum(fresh & p.rejuv_proposed).astype(jnp.int32),
+                "moves_accepted": jnp.sum(fresh & p.rejuv_accepted).astype(jnp.int32)}
 
     # ---------------------------------------------------------------------------------- search
     def score(self, particles: LLMParticle) -> Float[Array, " N"]:
