@@ -151,20 +151,6 @@ def test_run_method_every_method_on_markov_lm():
                    **common)
 
 
-@pytest.mark.slow
-def test_smollm2_particle_filter_with_llm_judge():
-    """Smoke: PF with 2 particles and 2 short steps of SmolLM2, judged by SmolLM2 itself."""
-    lm = StepLM.from_smollm2(delimiter="\n")
-    prompt = lm.tokenizer.encode_chat("List two fruits, one per line.")
-    res = run_method("pf", jax.random.key(0), lm, prompt, LLMJudge(), 2,
-                     answer_fn=lambda ids: lm.decode(ids).strip().lower(), max_steps=2,
-                     max_step_tokens=6)
-    assert np.isfinite(res.log_evidence)
-    assert 2 <= res.compute.tokens_generated <= 2 * 2 * 6
-    assert 2 <= res.compute.reward_calls <= 4
-    assert isinstance(res.text, str) and res.answer == res.text.strip().lower()
-
-
 # ------------------------------------------------------------------------------------------------
 # the registry of methods
 # ------------------------------------------------------------------------------------------------
