@@ -63,6 +63,9 @@ class AbstractFeynmanKac(eqx.Module):
       unchanged in everything the model can ever read of them, so the engine skips its row-select
       over every leaf (scratch storage that is never read, e.g. KV-cache slots past a finished
       sequence's length, may change).
+    - ``supports_conditional_smc`` (default true): whether conditional SMC (particle Gibbs) may pin
+      a reference path in this model; false for a model whose ``move`` also changes the previous
+      particles (resample-move), which a pinned reference would not see.
     - ``step_info(t, previous, particles)``: per-step statistics of the move from ``previous`` to
       ``particles`` (e.g. tokens generated, reward calls), recorded by the engine in
       ``SMCInfo.step_info`` without making the model adaptive. ``previous`` is ``None`` at t = 0.
@@ -73,6 +76,7 @@ class AbstractFeynmanKac(eqx.Module):
 
     is_adaptive: ClassVar[bool] = False
     move_keeps_done: ClassVar[bool] = False
+    supports_conditional_smc: ClassVar[bool] = True
 
     @abc.abstractmethod
     def init(self, key: PRNGKeyArray, num_particles: int) -> Particles:

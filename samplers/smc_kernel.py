@@ -275,6 +275,10 @@ def step(
     log_n = math.log(n)
     t = state.step + 1
     conditional = reference is not None
+    if conditional and not getattr(model, "supports_conditional_smc", True):
+        raise ValueError(f"{type(model).__name__} does not support conditional SMC (particle Gibbs): its move "
+                         "also changes the previous particles (e.g. resample-move), which the pinned "
+                         "reference path would not see")
     mdl = eqx.combine(state.model, model) if model.is_adaptive else model
     # the key is split in four (the first unused) so that smc()'s streams match earlier versions
     _, k_res, k_move, k_as = jax.random.split(key, 4)

@@ -119,3 +119,16 @@ def test_transformer_truncate_and_resample_move():
     assert int(info["moves_proposed"].sum()) > 0 and int(info["moves_accepted"].sum()) > 0
     # every particle moves at t = 0; afterwards each step is generated once more per proposal
     assert int(info["tokens"].sum()) > 8 + int(info["moves_proposed"].sum())
+
+
+def test_particle_gibbs_refuses_resample_move(base):
+    """Conditional SMC pins a reference path that resample-move would not see: a clear error."""
+    import jax
+
+    from samplers.smc import smc
+
+    rm = base.with_options(rejuvenation=1)
+    assert base.supports_conditional_smc and not rm.supports_conditional_smc
+    ref = base.path(jax.tree.map(lambda x: x[0], base.init(jax.random.key(0), 1)))
+    with pytest.raises(ValueError, match="conditional SMC"):
+        smc(jax.random.key(1), rm, 4, reference=ref, num_steps=base.max_num_steps)

@@ -203,8 +203,17 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         """Whether :meth:`move` leaves done particles bit-for-bit unchanged (so the engine skips
         its row select): true when the step LM and the reward model keep done rows (the
         Markov-chain LM with a stateless reward: yes; the transformer: no, its batched forward
-        writes a K/V entry past the length of done rows — never attended, but not bit-identical)."""
+        writes a K/V entry past the length of done rows — never attended, but not
+        bit-identical). With ``rejuvenation``, a particle that finished at the previous step may be
+        replaced by another finished continuation (an MCMC move of the current target), which is
+        why the engine must not restore it either."""
         return bool(self.lm.keeps_done_rows and self.reward.keeps_done_rows)
+
+    @property
+    def supports_conditional_smc(self) -> bool:
+        """Particle Gibbs pins a reference path; resample-move (``rejuvenation > 0``) would change
+        the particles of the previous step behind it, so it is refused there."""
+        return self.rejuvenation == 0
 
     # ---------------------------------------------------------------------------------- building
     @classmethod
