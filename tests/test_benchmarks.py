@@ -65,3 +65,21 @@ def test_gpu_check_runs_at_toy_size(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "SV bootstrap filter" in text and "| 64 |" in text
     assert "LLM particle filter" in text and "transformers decode" in text
+
+
+def test_llm_pf_peers_benchmark_runs_at_toy_size(tmp_path, capsys):
+    """benchmarks/bench_llm_pf_peers.py with a random tiny Llama (no llamppl): our filter and the
+    hand-written transformers filter run the same problem, every particle makes every token, and
+    the table and the JSON are written."""
+    from benchmarks import bench_llm_pf_peers
+
+    out = tmp_path / "pf_peers.json"
+    bench_llm_pf_peers.main(["--tiny", "--skip-llamppl", "--particles", "3", "--tokens", "3", "--repeats", "1",
+                             "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert "llamppl" not in res
+    for name in ("ours", "transformers"):
+        r = res[name]
+        assert r["run_s"] > 0 and r["tokens"] == [3 * 3]
+    assert res["ours"]["compile_s"] > 0 and res["ratios"]["transformers_over_ours"] > 0
+    assert "| transformers |" in capsys.readouterr().out
