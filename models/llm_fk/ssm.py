@@ -507,8 +507,9 @@ class LLMFeynmanKac(AbstractFeynmanKac):
 
     def parent(self, particles: LLMParticle, which: Bool[Array, " N"]) -> LLMParticle:
         r"""The particles with their last step removed (\(x_{t-2}\) of \(x_{t-1}\)) on the rows
-        ``which`` (they must have taken at least one step and not be finished); the other rows are
-        returned unchanged but marked done (so a move leaves them alone)."""
+        ``which`` (they must have taken at least one step; a particle finished by that step gets
+        its unfinished parent back); the other rows are returned unchanged but marked done (so a
+        move leaves them alone)."""
         p = particles
         k = p.num_steps
         prev_len = jnp.where(which, p.lm.lengths - p.step_tokens, p.lm.lengths)
@@ -526,7 +527,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
 
     def rejuvenate(self, key: PRNGKeyArray, t: Int[Array, ""], particles: LLMParticle) -> LLMParticle:
         r"""``rejuvenation`` independent Metropolis-Hastings moves on the last step of every particle
-        that took step \(t-1\) and is not finished (resample-move; Gilks & Berzuini 2001).
+        that took step \(t-1\) (resample-move; Gilks & Berzuini 2001).
 
         The current target is \(\gamma_{t-1}(x_{0:t-1}) = \gamma_{t-2}(x_{0:t-2})\, q(x_{t-1} \mid
         x_{0:t-2})\, G_{t-1}(x_{0:t-1})\), so its conditional given the prefix \(x_{0:t-2}\) is
@@ -541,8 +542,8 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         earlier), so \(\gamma_{t-1}\) stays invariant and properly weighted particles stay properly
         weighted (it may be applied whether or not the step resampled). Just-finished particles are
         rejuvenated only when the engine does not restore finished rows after a move
-        (``move_keeps_done``).
-        Re-generating the last step is what separates particles that resampling made copies of.
+        (``move_keeps_done``). Re-generating the last step is what separates particles that
+        resampling made copies of.
 
         Compute is counted: ``rejuv_tokens`` / ``rejuv_calls`` (in ``step_info``). Not for
         conditional SMC (particle Gibbs pins a reference path the move would not see).
