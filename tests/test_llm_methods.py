@@ -212,3 +212,31 @@ def test_a_new_method_is_one_class():
     assert res.method == "pf-argmax" and res.weights[int(np.argmax(res.weights))] == max(res.weights)
     assert res.answer == res.all_answers[int(np.argmax(res.weights))]
     assert res.compute.tokens_generated >= 4 and res.compute.reward_calls >= 4
+
+
+def test_power_on_a_search_baseline_warns_and_rm_warns_without_mixing(monkeypatch):
+    """power changes the target of the weighting methods only: a search baseline warns that it is
+    ignored. rm warns when no Metropolis-Hastings move was accepted (the particles did not mix)."""
+    import warnings
+
+    from app.methods import particle_filter, resample_move
+
+    lm = MarkovStepLM(toy_test_bed().lm)
+    common = dict(answer_fn=_answer, max_steps=6, max_step_tokens=3, max_new_tokens=6)
+    reward = ProgrammaticStepVerifier(_step_score)
+    with pytest.warns(UserWarning, match="no effect on 'sc'"):
+        run_method("sc", jax.random.key(0), lm, [3], reward, 2, power=2.0, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = run_method("pf", jax.random.key(0), lm, [3], reward, 2, power=2.0, **common)
+    assert res.diagnostics["moves_proposed"] == 0
+
+    real = particle_filter.ParticleFilter.run
+
+    def stuck(self, ctx):
+        r = real(self, ctx)
+        return r._replace(diagnostics=dict(r.diagnostics, moves_accepted=0))
+
+    monkeypatch.setattr(resample_move.ParticleFilter, "run", stuck)
+    with pytest.warns(RuntimeWarning, match="none of .* re-generations was accepted"):
+        run_method("rm", jax.random.key(0), lm, [3], reward, 4, **common)

@@ -28,7 +28,8 @@ method      algorithm                                                           
 ==========  ===================================================================  ===============
 
 so that pf, bon, wbon, sc, beam and dvts generate about B complete answers' worth of tokens at
-budget B; rm spends about (1 + ``rejuvenation``) times that; pg and ptpg spend (``pg_iterations`` + 1) times (× ``num_chains``) that, all counted.
+budget B; rm spends about (1 + ``rejuvenation``) times that; pg and ptpg spend
+(``pg_iterations`` + 1) times (× ``num_chains``) that, all counted.
 
 Answers: pf, pg and ptpg return the weighted majority answer Σ_i W_i 1{a_i = a} (pg/ptpg pool
 the weighted particle systems of every sweep of the target chain), bon the best-scored sample,
@@ -46,6 +47,7 @@ baselines).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
@@ -167,6 +169,9 @@ def run_method(
                    ancestor_sampling=ancestor_sampling, beam_width=beam_width, resampling=resampling,
                    ess_threshold=ess_threshold, max_steps=max_steps, rejuvenation=rejuvenation)
     m.check_options(options)
+    if power != 1.0 and not m.uses_potentials:
+        warnings.warn(f"power={power} has no effect on {m.name!r}: it samples from the proposal and selects by "
+                      "the reward (only pf, rm, pg and ptpg weight by p^alpha)", UserWarning, stacklevel=2)
     model = build_model(
         lm, prompt_ids, reward, answer_fn=answer_fn, max_steps=max_steps,
         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens, sampling=sampling,

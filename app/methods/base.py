@@ -90,6 +90,9 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    #: the method weights particles by the model's potentials (so ``power`` changes its target);
+    #: the search baselines sample from the proposal and select by the reward instead
+    uses_potentials: ClassVar[bool] = False
 
     def eager_scoring(self, aggregation: strategies.AbstractAggregation) -> bool:
         """Whether the model must score every step during the move (SMC, beam search: yes;

@@ -16,6 +16,7 @@ __all__ = ["ParallelTemperingPG"]
 
 class ParallelTemperingPG(ParticleGibbs):
     name: ClassVar[str] = "ptpg"
+    uses_potentials: ClassVar[bool] = True
     summary: ClassVar[str] = "parallel-tempering particle Gibbs: num_chains tempered PG chains with swaps"
     swap: ClassVar[bool] = True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 
 from app.methods.base import (
@@ -30,13 +31,16 @@ def _pf_core(key, model, *, n, resampling, ess_threshold):
     res = smc(key, model, n, resampling=resampling, ess_threshold=ess_threshold,
               max_steps=model.max_steps)
     flags = dict(extinct=res.extinct, num_nan_potentials=res.num_nan_potentials,
-                 reached_max_steps=res.reached_max_steps, num_steps=res.num_steps)
+                 reached_max_steps=res.reached_max_steps, num_steps=res.num_steps,
+                 moves_proposed=jnp.sum(res.step_info["moves_proposed"]),
+                 moves_accepted=jnp.sum(res.step_info["moves_accepted"]))
     tokens, calls = total_compute(res.step_info)
     return final(res.particles, res.log_weights), res.log_evidence, tokens, calls, flags
 
 
 class ParticleFilter(Method):
     name: ClassVar[str] = "pf"
+    uses_potentials: ClassVar[bool] = True
     summary: ClassVar[str] = "particle filtering (samplers.smc), N = B particles"
 
     def run(self, ctx: RunContext) -> MethodResult:

@@ -72,6 +72,7 @@ def _pt_core(key, model, betas, *, n, iterations, ancestor_sampling, resampling,
 
 class ParticleGibbs(Method):
     name: ClassVar[str] = "pg"
+    uses_potentials: ClassVar[bool] = True
     summary: ClassVar[str] = "particle Gibbs: a PF, then pg_iterations conditional-SMC sweeps of B particles"
     swap: ClassVar[bool] = False
 

@@ -21,7 +21,8 @@ from app.methods.weighted_best_of_n import WeightedBestOfN
 __all__ = ["METHODS", "get_method", "method_registry"]
 
 _CLASSES: tuple[type[Method], ...] = (
-    ParticleFilter, ResampleMove, ParticleGibbs, ParallelTemperingPG, BestOfN, WeightedBestOfN, SelfConsistency,
+    ParticleFilter, ResampleMove, ParticleGibbs, ParallelTemperingPG, BestOfN, WeightedBestOfN,
+    SelfConsistency,
     BeamSearch, DVTS,
 )
 
