@@ -98,8 +98,7 @@ class LLMParticle(NamedTuple):
         step_tokens, step_logprob, step_logq: tokens of the last step, its log-probability under
             the LM (temperature 1) and under the sampling law.
         scored: the last step was sent to the reward model (a reward call).
-        log_step_reward: \(\log \hat r\) of the last scoring; ``log_reward``: aggregated \(\log R_t\);
-            ``prev_log_reward``: \(\log R\) before the last step (0 before the first).
+        log_step_reward: \(\log \hat r\) of the last scoring; ``log_reward``: aggregated \(\log R_t\).
         hist_*: [N, max_steps] per-step records (length after the step, \(\log R\), \(\log \hat r\),
             \(\log p\), \(\log q\), scored), 0 past ``num_steps``; they rebuild the trajectory
             (:meth:`~LLMFeynmanKac.path`).
@@ -117,7 +116,6 @@ class LLMParticle(NamedTuple):
     scored: Bool[Array, " N"]
     log_step_reward: Float[Array, " N"]
     log_reward: Float[Array, " N"]
-    prev_log_reward: Float[Array, " N"]
     hist_lengths: Int[Array, "N S"]
     hist_log_reward: Float[Array, "N S"]
     hist_log_step_reward: Float[Array, "N S"]
@@ -420,7 +418,6 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored=jnp.zeros((num,), bool),
             log_step_reward=zf,
             log_reward=zf,
-            prev_log_reward=zf,
             hist_lengths=jnp.zeros((num, s), jnp.int32),
             hist_log_reward=jnp.zeros((num, s), jnp.float32),
             hist_log_step_reward=jnp.zeros((num, s), jnp.float32),
@@ -479,7 +476,6 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored=scored,
             log_step_reward=log_r,
             log_reward=log_reward,
-            prev_log_reward=keep(p.log_reward, p.prev_log_reward),
             hist_lengths=put(p.hist_lengths, lm_state.lengths),
             hist_log_reward=put(p.hist_log_reward, log_reward),
             hist_log_step_reward=put(p.hist_log_step_reward, log_r),
@@ -513,13 +509,18 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         p = particles
         k = p.num_steps
         prev_len = jnp.where(which, p.lm.lengths - p.step_tokens, p.lm.lengths)
-        idx = jnp.clip(k - 2, 0, self.max_steps - 1)[:, None]
-        log_prev = jnp.where(k >= 2, jnp.take_along_axis(p.hist_log_reward, idx, axis=1)[:, 0], 0.0)
+        log_prev = self._log_reward_before_last_step(p)
         lm = self.lm.truncate(p.lm, prev_len)
         reward = self.reward.truncate(self.lm, p.reward, p.lm, prev_len)
         return p._replace(
             lm=lm._replace(done=~which), reward=reward, num_steps=jnp.where(which, k - 1, k),
             done=~which, log_reward=jnp.where(which, log_prev, p.log_reward))
+
+    def _log_reward_before_last_step(self, p: LLMParticle) -> Float[Array, " N"]:
+        r"""\(\log R\) of each particle's parent (before its last step; 0 before the first), from
+        its per-step records."""
+        idx = jnp.clip(p.num_steps - 2, 0, self.max_steps - 1)[:, None]
+        return jnp.where(p.num_steps >= 2, jnp.take_along_axis(p.hist_log_reward, idx, axis=1)[:, 0], 0.0)
 
     def _log_acceptance(self, log_g_proposed, log_g_current):
         """Log Metropolis-Hastings ratio of the independence move of :meth:`rejuvenate`."""
@@ -595,7 +596,7 @@ class LLMFeynmanKac(AbstractFeynmanKac):
         log_prev = None if previous is None else previous.log_reward
         if previous is not None and self.rejuvenation > 0:
             # the engine's view of x_{t-1} predates the move, which rejuvenated x_{t-1} first
-            log_prev = particles.prev_log_reward
+            log_prev = self._log_reward_before_last_step(particles)
         log_g = self.weighting.log_potential(self.inv_temperature, log_prev, particles.log_reward)
         before = 0 if previous is None else previous.num_steps
         moved = particles.num_steps == before + 1
@@ -751,7 +752,6 @@ class LLMFeynmanKac(AbstractFeynmanKac):
             scored=p.hist_scored[idx],
             log_step_reward=p.hist_log_step_reward[idx],
             log_reward=p.hist_log_reward[idx],
-            prev_log_reward=jnp.where(idx > 0, p.hist_log_reward[jnp.maximum(idx - 1, 0)], 0.0),
             hist_lengths=hist(p.hist_lengths),
             hist_log_reward=hist(p.hist_log_reward),
             hist_log_step_reward=hist(p.hist_log_step_reward),
