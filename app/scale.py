@@ -63,6 +63,11 @@ __all__ = [
 ]
 
 REWARDS = ("step", "final", "judge", "self-certainty", "prm", "none")
+#: methods that draw B independent samples and select among them: with ``nested`` budgets they
+#: are scored on the first B samples of one pool drawn at the largest budget (see nested_rows)
+NESTED_METHODS = ("bon", "wbon", "sc")
+#: the method name of the pool's own rows in results.json (a wbon run at the largest budget)
+POOL = "iid-pool"
 #: rewards the task's program computes (the truth); the others are imperfect stand-ins for it
 PROGRAM_REWARDS = ("step", "final")
 
@@ -106,6 +111,8 @@ class ScaleConfig:
         reward: str = "step",
         output_dir: str = "outputs/scale",
         method_options: dict | None = None,
+        max_budgets: dict | None = None,
+        nested: bool = False,
     ):
         from app.tasks import FAMILIES
 
@@ -134,12 +141,31 @@ class ScaleConfig:
         self.num_prompts, self.max_steps, self.max_step_tokens = num_prompts, max_steps, max_step_tokens
         self.temperature, self.reward, self.output_dir = float(temperature), reward, output_dir
         self.method_options = dict(method_options or {})
+        max_budgets = {str(k): v for k, v in dict(max_budgets or {}).items()}
+        for m, cap in max_budgets.items():
+            if m not in methods:
+                raise ValueError(f"max_budgets names {m!r}, which is not among the methods {methods}")
+            if not isinstance(cap, int) or cap < budgets[0]:
+                raise ValueError(f"the largest budget of {m!r} must be an integer >= {budgets[0]} (the smallest "
+                                 f"budget), got {cap!r}")
+        self.max_budgets = max_budgets
+        self.nested = bool(nested)
+
+    def method_budgets(self, method: str) -> list[int]:
+        """The budgets ``method`` runs at: ``budgets`` up to its ``max_budgets`` cap."""
+        cap = self.max_budgets.get(method)
+        return [b for b in self.budgets if cap is None or b <= cap]
+
+    def pooled_methods(self) -> list[str]:
+        """The methods scored on nested budgets of one sample pool (``nested``): bon, wbon, sc."""
+        return [m for m in self.methods if m in NESTED_METHODS] if self.nested else []
 
     def as_dict(self) -> dict:
         return dict(task=self.task, methods=self.methods, budgets=self.budgets, seeds=self.seeds,
                     num_prompts=self.num_prompts, max_steps=self.max_steps,
                     max_step_tokens=self.max_step_tokens, temperature=self.temperature,
-                    reward=self.reward, method_options=self.method_options)
+                    reward=self.reward, method_options=self.method_options,
+                    max_budgets=self.max_budgets, nested=self.nested)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +282,94 @@ def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cf
         candidates_correct=[bool(task.answer_is_correct(a)) for a in cands],
         unique_answers=len(set(cands)),
         unique_completions=int(diag.get("unique_completions", len(set(cands)))),
+        **({"scores": [float(x) for x in diag["scores"]], "num_tokens": [int(x) for x in diag["num_tokens"]]}
+           if "scores" in diag and "num_tokens" in diag else {}),
     )
+
+
+def _first_max(values: np.ndarray) -> int:
+    """Index of the largest value, ties to the lowest index (``samplers.search.base.argmax_first``)."""
+    return int(np.argmax(values))
+
+
+def _vote(answers: list, weights: np.ndarray) -> int:
+    """``samplers.search.base.vote``: the first candidate whose answer has the largest total weight."""
+    totals = np.array([sum(w for b, w in zip(answers, weights) if b == a) for a in answers])
+    return _first_max(totals)
+
+
+def select_nested(method: str, answers: list, scores: np.ndarray) -> int:
+    """The candidate ``method`` (bon, wbon or sc) selects among samples with these answers and
+    reward scores (log scale, −inf for unscorable): the selection rules of
+    :mod:`samplers.search` (``best_of_n``, ``weighted_best_of_n``, ``self_consistency``) in NumPy."""
+    s = np.asarray(scores, np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    if method == "bon":
+        return _first_max(s)
+    if method == "sc":
+        return _vote(answers, np.ones(len(answers)))
+    if method != "wbon":
+        raise ValueError(f"nested budgets apply to {NESTED_METHODS}, not {method!r}")
+    top = np.max(s)
+    shift = top if np.isfinite(top) else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = np.where(s > -np.inf, np.exp(s - shift), 0.0)
+    if top == np.inf:
+        w = (s == np.inf).astype(float)
+    winner = _vote(answers, w)
+    best = _first_max(np.where([a == answers[winner] for a in answers], s, -np.inf))
+    return best if np.isfinite(s[best]) else winner
+
+
+def nested_rows(pool: dict, methods: Sequence[str], budgets: Sequence[int]) -> list[dict]:
+    r"""Rows of the sampling baselines (bon, wbon, sc) at every budget B, scored on the first B
+    samples of one pool of \(B_{\max}\) i.i.d. samples (a ``wbon`` run at the largest budget,
+    its row storing every sample's answer, correctness, reward score and tokens).
+
+    The first B of \(B_{\max}\) i.i.d. samples are B i.i.d. samples, so each derived row has the
+    law of a separate run at budget B (its selection rule is :func:`select_nested`); rows at
+    different budgets of one prompt are dependent (nested), which a comparison at one budget
+    does not see. Compute is counted for the B samples used: their tokens, B reward calls (0 for
+    sc), wall time B/\(B_{\max}\) of the pool's.
+    """
+    answers, ok = list(pool["candidates"]), list(pool["candidates_correct"])
+    scores, ntok = np.asarray(pool["scores"], np.float64), list(pool["num_tokens"])
+    n = len(answers)
+    if not (len(ok) == len(scores) == len(ntok) == n == int(pool["budget"])):
+        raise ValueError(f"the pool row holds {n} candidates for budget {pool['budget']}: cannot nest")
+    out = []
+    for m in methods:
+        for b in budgets:
+            if b > n:
+                raise ValueError(f"budget {b} exceeds the pool's {n} samples")
+            i = select_nested(m, answers[:b], scores[:b])
+            if m == "sc":
+                w = np.full(b, 1.0 / b)
+            elif m == "wbon":
+                w = _normalised_scores(scores[:b])
+            else:
+                best = scores[:b] == scores[:b].max()
+                w = best / best.sum()
+            out.append(dict(
+                method=m, budget=b, prompt=pool["prompt"], seed=pool["seed"], correct=bool(ok[i]),
+                answer=answers[i], text="", tokens_generated=int(sum(ntok[:b])),
+                reward_calls=0 if m == "sc" else b,
+                wall_time_s=float(pool["wall_time_s"]) * b / n, compile_time_s=0.0,
+                total_time_s=float(pool["total_time_s"]) * b / n,
+                log_evidence=float("nan"), candidates=answers[:b], weights=[float(x) for x in w],
+                candidates_correct=ok[:b], unique_answers=len(set(answers[:b])),
+                unique_completions=len(set(answers[:b])), nested_from=f"{POOL}@{n}",
+            ))
+    return out
+
+
+def _normalised_scores(scores: np.ndarray) -> np.ndarray:
+    s = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
+    top = np.max(s)
+    if not np.isfinite(top):
+        return np.full(s.shape, 1.0 / s.size)
+    w = np.exp(s - top)
+    return w / w.sum()
 
 
 def _row_key(r: dict) -> tuple:
@@ -264,9 +377,12 @@ def _row_key(r: dict) -> tuple:
 
 
 def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: bool = False,
-                   run_fn: Callable | None = None, save: bool = True) -> list[dict]:
+                   run_fn: Callable | None = None, save: bool = True,
+                   host: ExperimentHost | None = None) -> list[dict]:
     """Every (method, budget, prompt, seed) run, with a progress bar; rows are saved as they come
-    (``results.json`` in ``cfg.output_dir``), and ``resume`` skips rows already saved there."""
+    (``results.json`` in ``cfg.output_dir``), and ``resume`` skips rows already saved there.
+    ``host``: an :class:`ExperimentHost` of the same reward kind to share with other experiments
+    (e.g. several task families in one process: each method × budget cell then compiles once)."""
     from tqdm import tqdm
 
     from app.tasks import get_tasks
@@ -291,10 +407,19 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
     done = {_row_key(r) for r in rows}
     # prompt-major order: a run stopped early still has every (method, budget) cell on the same
     # prompts (compiled programs are cached per cell, so the order costs no extra compilation)
-    jobs = [(m, b, i, s) for i in range(len(tasks)) for s in range(cfg.seeds) for m in cfg.methods
-            for b in cfg.budgets]
+    pooled = cfg.pooled_methods()
+    pool_budget = max((max(cfg.method_budgets(m)) for m in pooled), default=0)
+    jobs = []
+    for i in range(len(tasks)):
+        for s in range(cfg.seeds):
+            if pooled:  # one wbon run at the largest budget scores bon / wbon / sc at every budget
+                jobs.append((POOL, pool_budget, i, s))
+            jobs += [(m, b, i, s) for m in cfg.methods if m not in pooled for b in cfg.method_budgets(m)]
     todo = [j for j in jobs if j not in done]
-    host = ExperimentHost(cfg.reward)
+    if host is None:
+        host = ExperimentHost(cfg.reward)
+    elif host.kind != cfg.reward:
+        raise ValueError(f"the host's reward is {host.kind!r}, the experiment's {cfg.reward!r}")
     # tqdm's own ETA is dominated by the first run of each cell (it compiles): ours separates the
     # two, remaining runs × mean run time + remaining new cells × mean compile time
     bar = tqdm(todo, desc=f"scale {cfg.task}", disable=not progress, dynamic_ncols=True,
@@ -310,8 +435,14 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
             left = (len(todo) - k) * run_s / n_done + cells_left * comp
             eta = f" | eta {left / 60:.0f} min (run {run_s / n_done:.1f} s, compile {comp:.0f} s/cell)"
         bar.set_postfix_str(f"{m}@{b} prompt {i} seed {s}{eta}")
-        row = run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn, host)
-        rows.append(row)
+        if m == POOL:
+            row = dict(run_one("wbon", tasks[i], i, s, b, lm, cfg, max_steps, run_fn, host), method=POOL)
+            rows.append(row)
+            for pm in pooled:
+                rows += nested_rows(row, [pm], cfg.method_budgets(pm))
+        else:
+            row = run_one(m, tasks[i], i, s, b, lm, cfg, max_steps, run_fn, host)
+            rows.append(row)
         seen_cells.add((m, b))
         run_s += float(row.get("wall_time_s", 0.0))
         compile_s += float(row.get("compile_time_s", 0.0))
@@ -321,7 +452,8 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
             last_save = time.perf_counter()
     if save:
         _save_rows(path, cfg, rows, max_steps)
-    wanted = set(jobs)
+    wanted = set(jobs)  # the pool rows too (their run time; report() leaves them out of the tables)
+    wanted |= {(m, b, i, s) for (p, _, i, s) in jobs if p == POOL for m in pooled for b in cfg.method_budgets(m)}
     return [r for r in rows if _row_key(r) in wanted]
 
 
@@ -608,10 +740,13 @@ def timing_line(rows: Sequence[dict]) -> str:
             f"{len(rows)} runs ({run / max(len(rows), 1):.1f} s per run)")
 
 
-def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dict:
-    """Summary, markdown tables, the PF-vs-BoN line, and (``write``) table.md + the PNG."""
-    timing = timing_line(rows)  # the runs themselves (pf-argmax re-judges pf's runs)
-    rows = list(rows) + argmax_rows(rows)
+def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True, label: str | None = None) -> dict:
+    """Summary, markdown tables, the PF-vs-BoN line, and (``write``) table.md + the PNG.
+    ``label``: what the plots' title calls the rows (default: the task family)."""
+    # the runs themselves (pf-argmax re-judges pf's runs; nested rows are scored on a pool's samples)
+    timing = timing_line([r for r in rows if not r.get("nested_from")])
+    rows = [r for r in rows if r["method"] != POOL]
+    rows = rows + argmax_rows(rows)
     summary = summarize(rows)
     budgets = sorted({int(r["budget"]) for r in rows})
     methods = [m for m in list(cfg.methods) + ["pf-argmax"] if any(r["method"] == m for r in rows)]
@@ -638,7 +773,7 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True) -> dic
         os.makedirs(cfg.output_dir, exist_ok=True)
         n_prompts = len({r["prompt"] for r in rows})
         n_seeds = len({r["seed"] for r in rows})
-        title = f"{cfg.task}: {n_prompts} prompts × {n_seeds} seeds (SmolLM2-135M), reward {cfg.reward}"
+        title = f"{label or cfg.task}: {n_prompts} prompts × {n_seeds} seeds (SmolLM2-135M), reward {cfg.reward}"
         png = plot_scaling(summary, methods, budgets,
                            os.path.join(cfg.output_dir, "accuracy_vs_budget.png"), title=title)
         plot_scaling(summary, methods, budgets, os.path.join(cfg.output_dir, "accuracy_vs_tokens.png"),
@@ -703,7 +838,10 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     from app.tasks import FAMILIES
 
-    p.add_argument("--task", required=True, choices=sorted(FAMILIES), help="task family")
+    p.add_argument("--task", required=True, metavar="FAMILY[,FAMILY...]",
+                   help="task family, among " + ", ".join(sorted(FAMILIES)) + "; several, comma-separated: each "
+                        "in its own folder under --output-dir (one process: every method × budget compiles "
+                        "once), plus the families pooled (prompts of every family) in --output-dir itself")
     names = method_names()
     p.add_argument("--methods", default=",".join(names),
                    help="comma-separated, among " + ",".join(names) + " (the registry app.methods.METHODS)")
@@ -732,6 +870,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=int, default=None, help="children per beam (beam, dvts)")
     p.add_argument("--pg-iterations", type=int, default=None, help="sweeps of pg / ptpg")
     p.add_argument("--num-chains", type=int, default=None, help="tempered chains of ptpg (default 4)")
+    p.add_argument("--max-budget", default=None, metavar="M=B,...",
+                   help="largest budget of some methods, e.g. pg=16,ptpg=4 (the costly ones; default: "
+                        "every budget for every method)")
+    p.add_argument("--nested", action="store_true",
+                   help="bon, wbon and sc: one pool of samples per prompt and seed at the largest budget, "
+                        "each smaller budget B scored on its first B samples (the same law as separate "
+                        "runs, one run instead of one per method and budget)")
     p.add_argument("--resume", action="store_true", help="skip runs already in results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -763,29 +908,66 @@ def run_scale(args: argparse.Namespace) -> int:
             return 2
         opts["rejuvenation"] = args.rejuvenation
     try:
-        cfg = ScaleConfig(
-            task=args.task, methods=str(args.methods).split(","),
+        caps = {}
+        for item in str(getattr(args, "max_budget", None) or "").split(","):
+            if item.strip():
+                name, sep, val = item.partition("=")
+                if not sep:
+                    raise ValueError(f"--max-budget takes METHOD=BUDGET items, got {item!r}")
+                caps[name.strip()] = _int_list(val, f"--max-budget {name.strip()}")[0]
+        families = [t.strip() for t in str(args.task).split(",") if t.strip()]
+        if not families or len(set(families)) != len(families):
+            raise ValueError(f"--task takes distinct family names, got {args.task!r}")
+        several = len(families) > 1
+        cfgs = [ScaleConfig(
+            task=fam, methods=str(args.methods).split(","),
             budgets=_int_list(args.budgets, "--budgets"), seeds=args.seeds,
             num_prompts=args.num_prompts, max_steps=args.max_steps,
             max_step_tokens=args.max_step_tokens, temperature=args.temperature,
-            reward=args.reward, output_dir=args.output_dir, method_options=opts,
-        )
+            reward=args.reward, output_dir=os.path.join(args.output_dir, fam) if several else args.output_dir,
+            method_options=opts, max_budgets=caps, nested=bool(getattr(args, "nested", False)),
+        ) for fam in families]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from app.tasks import get_tasks
 
-    n_prompts = len(get_tasks(cfg.task, cfg.num_prompts))
-    n_runs = len(cfg.methods) * len(cfg.budgets) * n_prompts * cfg.seeds
-    est = estimate_seconds(len(cfg.methods), cfg.budgets, n_prompts, cfg.seeds)
-    print(f"{n_runs} runs ({len(cfg.methods)} methods × {len(cfg.budgets)} budgets × {n_prompts} prompts × "
-          f"{cfg.seeds} seeds); rough estimate on a 2-core CPU: {est / 60:.0f} min", flush=True)
+    cfg = cfgs[0]
+    n_prompts = sum(len(get_tasks(c.task, c.num_prompts)) for c in cfgs)
+    pooled = cfg.pooled_methods()
+    own = [m for m in cfg.methods if m not in pooled]
+    cells = [(m, cfg.method_budgets(m)) for m in own]
+    if pooled:
+        cells.append((POOL, [max(max(cfg.method_budgets(m)) for m in pooled)]))
+    n_runs = sum(len(bs) for _, bs in cells) * n_prompts * cfg.seeds
+    est = sum(estimate_seconds(1, bs, n_prompts, cfg.seeds) for _, bs in cells)
+    what = (f"{len(cfg.methods)} methods × {len(cfg.budgets)} budgets" if not (pooled or cfg.max_budgets)
+            else f"{sum(len(bs) for _, bs in cells)} method × budget cells"
+            + (f", {'/'.join(pooled)} nested in one pool" if pooled else ""))
+    print(f"{n_runs} runs ({what} × {n_prompts} prompts{' of ' + str(len(cfgs)) + ' families' if several else ''}"
+          f" × {cfg.seeds} seeds); rough estimate on a 2-core CPU: {est / 60:.0f} min", flush=True)
     t0 = time.perf_counter()
-    rows = run_experiment(cfg, progress=not args.no_progress, resume=args.resume)
+    host = ExperimentHost(cfg.reward)  # shared: each method × budget cell compiles once
+    lm = load_step_lm(cfg.temperature)
+    all_rows = []
+    for c in cfgs:
+        rows = run_experiment(c, lm=lm, host=host, progress=not args.no_progress, resume=args.resume)
+        _print_report(c, rows)
+        all_rows += [dict(r, prompt=f"{c.task}:{r['prompt']}") for r in rows]
+    if several:
+        pooled_cfg = ScaleConfig(
+            task=cfg.task, methods=cfg.methods, budgets=cfg.budgets, seeds=cfg.seeds,
+            reward=cfg.reward, output_dir=args.output_dir, max_budgets=cfg.max_budgets, nested=cfg.nested)
+        _print_report(pooled_cfg, all_rows, label=" + ".join(families))
+    print(f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def _print_report(cfg: ScaleConfig, rows: list[dict], label: str | None = None) -> None:
     with warnings.catch_warnings():  # printed below, once
         warnings.simplefilter("ignore", UserWarning)
-        out = report(cfg, rows)
-    print(f"\n{cfg.task}: {TABLE_HEADING}\n")
+        out = report(cfg, rows, label=label)
+    print(f"\n{label or cfg.task}: {TABLE_HEADING}\n")
     print(out["table"])
     for msg in out["warnings"]:
         print(f"warning: {msg}", file=sys.stderr)
@@ -795,9 +977,8 @@ def run_scale(args: argparse.Namespace) -> int:
     if out["paired_line"]:
         print(out["paired_line"])
     print(out["timing_line"])
-    print(f"\nwrote {out['png']}, {os.path.join(cfg.output_dir, 'table.md')}, "
-          f"{os.path.join(cfg.output_dir, 'results.json')} ({time.perf_counter() - t0:.0f} s)")
-    return 0
+    print(f"\nwrote {out['png']}, {os.path.join(cfg.output_dir, 'table.md')}"
+          + ("" if label else f", {os.path.join(cfg.output_dir, 'results.json')}"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

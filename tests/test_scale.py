@@ -346,3 +346,165 @@ def test_compare_runs_pairs_cells(tmp_path, capsys):
     assert "sign test" in capsys.readouterr().out
     assert compare_runs.main([f"{tmp_path}/a.json:bon@4", f"{tmp_path}/b.json:pf@1"]) == 2
     assert "no runs of bon@4" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# nested budgets (bon / wbon / sc from one pool) and per-method budget caps
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nested_selection_matches_the_search_rules():
+    """select_nested reproduces samplers.search's bon / wbon / sc selection (ties, −inf, +inf)."""
+    import jax.numpy as jnp
+
+    from samplers.search.best_of_n import _best_scored
+    from samplers.search.self_consistency import _majority_vote
+    from samplers.search.weighted_best_of_n import _weighted_vote
+
+    rules = {"bon": _best_scored, "wbon": _weighted_vote, "sc": _majority_vote}
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(60):
+        n = int(rng.integers(1, 9))
+        answers = rng.integers(0, 3, n)
+        scores = rng.choice([-2.0, -1.0, -0.5, 0.0, -np.inf], n)  # many ties
+        if trial % 10 == 0:
+            scores[rng.integers(n)] = np.inf
+        for m, rule in rules.items():
+            want = int(rule(jnp.asarray(scores, jnp.float32), jnp.asarray(answers)))
+            got = scale.select_nested(m, [int(a) for a in answers], scores)
+            assert got == want, (m, answers, scores, got, want)
+            checked += 1
+    assert checked == 180
+    # a broken rule (ties to the last index) is caught by the same comparison
+    s = np.array([0.0, -1.0, 0.0])
+    assert scale.select_nested("bon", [0, 1, 2], s) == 0 != int(np.flatnonzero(s == s.max())[-1])
+
+
+@pytest.mark.slow
+def test_nested_rows_equal_separate_runs_on_the_markov_lm():
+    """A wbon pool of B samples, nested at B, selects what bon, wbon and sc select when run
+    separately on the same key (same N and key: the same samples)."""
+    import jax
+
+    from app.methods import MarkovStepLM, ProgrammaticStepVerifier, run_method
+    from models.markov_lm import toy_test_bed
+
+    lm = MarkovStepLM(toy_test_bed().lm)
+
+    def score(text, finished):
+        return 0.2 + 0.8 * (text.count("c") % 3) / 2.0
+
+    def answer(ids):
+        return tuple(ids)[:3]
+
+    common = dict(answer_fn=answer, max_steps=5, max_step_tokens=2, max_new_tokens=8)
+    b = 8
+    for seed in range(3):
+        key = jax.random.key(seed)
+        pool = run_method("wbon", key, lm, [3], ProgrammaticStepVerifier(score), b, **common)
+        d = pool.diagnostics
+        assert len(d["scores"]) == len(d["num_tokens"]) == len(pool.all_answers) == b
+        assert sum(d["num_tokens"]) == pool.compute.tokens_generated
+        row = dict(method=scale.POOL, budget=b, prompt=0, seed=seed, candidates=[str(a) for a in pool.all_answers],
+                   candidates_correct=[a[:1] == (0,) for a in pool.all_answers], scores=d["scores"],
+                   num_tokens=d["num_tokens"], wall_time_s=1.0, total_time_s=1.0)
+        for m in ("bon", "wbon", "sc"):
+            sep = run_method(m, key, lm, [3], ProgrammaticStepVerifier(score), b, **common)
+            (nested,) = scale.nested_rows(row, [m], [b])
+            assert nested["answer"] == str(sep.answer), (m, seed)
+            assert nested["tokens_generated"] == sep.compute.tokens_generated
+            assert nested["reward_calls"] == sep.compute.reward_calls
+
+
+def _pool_fake_run(calls: list):
+    """run_fn: wbon returns B candidates (answers cycle good / bad / bad; only the good one is
+    correct; scores favour a bad one); other methods succeed from budget 2."""
+    def run(method, key, lm, prompt_ids, reward, budget, *, answer_fn, **kw):
+        calls.append((method, budget))
+        prompt = lm.decode(prompt_ids)
+        task = next((t for t in get_tasks("letter_words") if t.prompt in prompt), None)
+        good = answer_fn(lm.tokenizer.encode(_good(task) if task else "1. 2"))
+        bad = [answer_fn(lm.tokenizer.encode(" nothing")), answer_fn(lm.tokenizer.encode(" x"))]
+        cands = [good if i % 3 == 0 else bad[i % 3 - 1] for i in range(budget)]
+        scores = [-1.0 if i % 3 == 0 else (0.0 if i % 3 == 1 else -5.0) for i in range(budget)]
+        ok = method == "wbon" or budget >= 2
+        return types.SimpleNamespace(
+            answer=good if ok else bad[0], text=_good(task) if ok and task else " nothing", all_answers=cands,
+            weights=[1.0 / budget] * budget,
+            compute=types.SimpleNamespace(tokens_generated=budget * 5, reward_calls=budget,
+                                          wall_time_s=0.01 * budget, compile_time_s=0.0),
+            log_evidence=0.0,
+            diagnostics=dict(scores=scores, num_tokens=[5] * budget) if method == "wbon" else {})
+
+    return run
+
+
+def test_nested_experiment_and_budget_caps(tmp_path):
+    calls = []
+    cfg = ScaleConfig("letter_words", methods=["pf", "bon", "wbon", "sc"], budgets=[1, 2, 4], seeds=1,
+                      num_prompts=2, output_dir=str(tmp_path), max_budgets={"pf": 2}, nested=True)
+    assert cfg.method_budgets("pf") == [1, 2] and cfg.pooled_methods() == ["bon", "wbon", "sc"]
+    rows = run_experiment(cfg, lm=_LM(), progress=False, run_fn=_pool_fake_run(calls))
+    # per prompt: one pool run at B=4 and pf at 1, 2 (no pf@4, no separate bon / wbon / sc runs)
+    assert sorted(calls) == sorted([("wbon", 4), ("pf", 1), ("pf", 2)] * 2)
+    by = {(r["method"], r["budget"], r["prompt"]): r for r in rows}
+    assert len([r for r in rows if r["method"] == scale.POOL]) == 2
+    assert ("pf", 4, 0) not in by
+    # first B of [good, bad(0.0), bad(-5.0), good]: bon picks the 0.0-scored bad one from B=2;
+    # sc's tie at B=2 goes to the first (good); at B=4 good has 2 votes of 4
+    assert [by[("bon", b, 0)]["correct"] for b in (1, 2, 4)] == [True, False, False]
+    assert [by[("sc", b, 0)]["correct"] for b in (1, 2, 4)] == [True, True, True]
+    # wbon at B=4: good weighs 2·e^-1 < e^0 of the 0.0-scored bad answer
+    assert [by[("wbon", b, 0)]["correct"] for b in (1, 2, 4)] == [True, False, False]
+    assert by[("bon", 2, 1)]["tokens_generated"] == 10 and by[("sc", 4, 1)]["reward_calls"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = report(cfg, rows)
+    assert not any(k.startswith(scale.POOL) for k in out["summary"])
+    assert out["summary"]["sc@4"]["accuracy"] == 1.0 and "pf@4" not in out["summary"]
+    # the runs that ran: 2 pools + 4 pf runs in 3 cells (the nested rows did not run)
+    assert "(3 method × budget cells)" in out["timing_line"] and " 6 runs " in out["timing_line"]
+
+    def boom(*a, **k):
+        raise AssertionError("resume re-ran a finished run")
+
+    assert len(run_experiment(cfg, lm=_LM(), progress=False, resume=True, run_fn=boom)) == len(rows)
+    with pytest.raises(ValueError, match="not among the methods"):
+        ScaleConfig("letter_words", methods=["pf"], budgets=[1, 2], max_budgets={"pg": 2})
+    with pytest.raises(ValueError, match="largest budget"):
+        ScaleConfig("letter_words", methods=["pf"], budgets=[2, 4], max_budgets={"pf": 1})
+
+
+def test_cli_several_families_nested_and_caps(tmp_path, monkeypatch, capsys):
+    """`ppl scale --task a,b --nested --max-budget pf=2`: one host and LM for both families, a
+    folder each, and the pooled report in --output-dir."""
+    import app.methods
+
+    calls, hosts = [], []
+    monkeypatch.setattr(scale, "load_step_lm", lambda temperature: _LM())
+    monkeypatch.setattr(app.methods, "run_method", _pool_fake_run(calls))
+    real = scale.run_experiment
+
+    def spy(cfg, **kw):
+        hosts.append(kw["host"])
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(scale, "run_experiment", spy)
+    argv = ["--task", "letter_words,number_list", "--methods", "pf,bon,sc", "--budgets", "1,2,4",
+            "--seeds", "1", "--num-prompts", "5", "--output-dir", str(tmp_path), "--nested",
+            "--max-budget", "pf=2", "--no-progress"]
+    assert scale.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "30 runs (3 method × budget cells, bon/sc nested in one pool × 10 prompts of 2 families" in out
+    assert len(hosts) == 2 and hosts[0] is hosts[1]
+    assert sorted(set(calls)) == [("pf", 1), ("pf", 2), ("wbon", 4)] and len(calls) == 30
+    for fam in ("letter_words", "number_list"):
+        saved = json.load(open(tmp_path / fam / "results.json"))
+        assert saved["config"]["nested"] and saved["config"]["max_budgets"] == {"pf": 2}
+    pooled = json.load(open(tmp_path / "summary.json"))["summary"]
+    assert pooled["bon@4"]["n_prompts"] == 10 and "pf@4" not in pooled
+    assert "letter_words + number_list:" in out
+    assert scale.main(["--task", "letter_words,letter_words"]) == 2
+    assert scale.main(["--task", "letter_words", "--max-budget", "pf"]) == 2
+    assert "METHOD=BUDGET" in capsys.readouterr().err

@@ -41,8 +41,14 @@ class SearchMethod(Method):
         prompt_len = np.asarray(parts.lm.prompt_lengths)
         toks = np.asarray(parts.lm.tokens[sel])[int(prompt_len[sel]): int(lengths[sel])].tolist()
         w = self.candidate_weights(res, valid, len(all_answers))
+        ntok = (lengths - prompt_len)[valid]
+        # per valid candidate, in particle order (the order of ``all_answers``): the reward score
+        # (NaN where the method never scores) and the tokens it generated; app.scale derives the
+        # sampling baselines at every smaller budget from these (nested budgets)
         diag = dict(reached_max_steps=bool(res.reached_max_steps), num_nan_scores=int(res.num_nan_scores),
-                    num_steps=int(res.compute.num_steps))
+                    num_steps=int(res.compute.num_steps),
+                    scores=[float(x) for x in np.asarray(res.scores, np.float64)[valid]],
+                    num_tokens=[int(x) for x in ntok])
         return MethodResult(
             table.values[int(res.answer)], ctx.lm.decode(toks), toks, all_answers,
             list(np.asarray(w, float)),
