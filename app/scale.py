@@ -282,6 +282,7 @@ def run_one(method: str, task, prompt_index: int, seed: int, budget: int, lm, cf
         candidates_correct=[bool(task.answer_is_correct(a)) for a in cands],
         unique_answers=len(set(cands)),
         unique_completions=int(diag.get("unique_completions", len(set(cands)))),
+        **({"unique_first_steps": int(diag["unique_first_steps"])} if "unique_first_steps" in diag else {}),
         **({"scores": [float(x) for x in diag["scores"]], "num_tokens": [int(x) for x in diag["num_tokens"]]}
            if "scores" in diag and "num_tokens" in diag else {}),
     )
@@ -534,8 +535,14 @@ def summarize(rows: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> dic
             reward_calls=float(np.mean([r["reward_calls"] for r in rs])),
             wall_time_s=float(np.mean([r["wall_time_s"] for r in rs])),
             unique_completions=float(np.mean([r.get("unique_completions", np.nan) for r in rs])),
+            unique_first_steps=_mean_present(rs, "unique_first_steps"),
         )
     return out
+
+
+def _mean_present(rows: Sequence[dict], key: str) -> float:
+    vals = [r[key] for r in rows if key in r]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def argmax_rows(rows: Sequence[dict], method: str = "pf", name: str = "pf-argmax") -> list[dict]:
@@ -660,8 +667,9 @@ def format_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) 
 
 def format_compute_table(summary: dict, methods: Sequence[str], budgets: Sequence[int]) -> str:
     """Markdown table of mean tokens generated / reward calls / distinct final candidates per run
-    (for pf and rm: distinct completions among the particles, the collapse diagnostic; for the
-    others: distinct answers)."""
+    (for pf and rm: distinct completions among the particles, the collapse diagnostic, then the
+    distinct first steps among them, ``(a)``: the surviving step-1 ancestors; for the others:
+    distinct answers)."""
     head = "| method | " + " | ".join(f"B={b}" for b in budgets) + " |"
     lines = [head, "|---|" + "---|" * len(budgets)]
     for m in methods:
@@ -672,8 +680,10 @@ def format_compute_table(summary: dict, methods: Sequence[str], budgets: Sequenc
                 cells.append("–")
                 continue
             u = v.get("unique_completions", float("nan"))
+            a = v.get("unique_first_steps", float("nan"))
             cells.append(f"{v['tokens_generated']:.0f} / {v['reward_calls']:.0f}"
-                         + ("" if not np.isfinite(u) else f" / {u:.1f}"))
+                         + ("" if not np.isfinite(u) else f" / {u:.1f}")
+                         + ("" if not np.isfinite(a) else f" ({a:.1f})"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -726,6 +736,8 @@ def plot_scaling(summary: dict, methods: Sequence[str], budgets: Sequence[int], 
     return path
 
 
+COMPUTE_HEADING = ("mean tokens generated / reward calls / distinct final candidates (pf, rm: distinct "
+                   "first steps, the surviving step-1 ancestors) per run")
 TABLE_HEADING = ("Accuracy: mean [95% Wilson interval over the runs] successes/runs "
                  "(runs = prompts × seeds)")
 
@@ -781,7 +793,7 @@ def report(cfg: ScaleConfig, rows: Sequence[dict], *, write: bool = True, label:
         with open(os.path.join(cfg.output_dir, "table.md"), "w") as f:
             warn_md = "".join(f"\n**Warning:** {m}.\n" for m in notes)
             f.write(f"{TABLE_HEADING}\n\n{table}\n{warn_md}\n"
-                    f"Mean tokens generated / reward calls / distinct final candidates per run\n\n{compute}\n\n{line}\n\n"
+                    f"{COMPUTE_HEADING[0].upper() + COMPUTE_HEADING[1:]}\n\n{compute}\n\n{line}\n\n"
                     f"{paired_line}\n\n{out['timing_line']}\n")
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
             json.dump(dict(config=cfg.as_dict(), summary=summary, match=match,
@@ -971,7 +983,7 @@ def _print_report(cfg: ScaleConfig, rows: list[dict], label: str | None = None) 
     print(out["table"])
     for msg in out["warnings"]:
         print(f"warning: {msg}", file=sys.stderr)
-    print("\nmean tokens generated / reward calls / distinct final candidates per run\n")
+    print(f"\n{COMPUTE_HEADING}\n")
     print(out["compute_table"])
     print("\n" + out["match_line"])
     if out["paired_line"]:

@@ -221,14 +221,20 @@ def run_cpu(args):
 
     torch.set_num_threads(os.cpu_count())
     t = time.perf_counter()
-    model, tok, config = load_smollm2(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    if args.tiny:  # random weights of a toy Llama: a smoke test of this mode (numbers mean nothing)
+        from models.llm import init_random
+
+        model, tok, config = init_random(LLAMA_TINY, jax.random.key(0), dtype=dtype), None, LLAMA_TINY
+    else:
+        model, tok, config = load_smollm2(dtype=dtype)
     if args.dtype == "mixed":
         model = with_matmul_dtype(model, jnp.bfloat16)
-    print(f"loaded SmolLM2 from GGUF in {time.perf_counter() - t:.1f} s; devices: {jax.devices()}; "
+    print(f"loaded {config.name if args.tiny else 'SmolLM2 from GGUF'} in {time.perf_counter() - t:.1f} s; devices: {jax.devices()}; "
           f"cpus: {os.cpu_count()}; torch threads: {torch.get_num_threads()}; JAX side {args.dtype} "
           f"(matmuls {jnp.dtype(model.matmul_dtype).name}, activations {jnp.dtype(model.dtype).name}); "
           f"transformers {' and '.join(args.torch_dtype)}", flush=True)
-    prompt_ids = tok.encode_chat(PROMPT)
+    prompt_ids = list(range(3, 40)) if args.tiny else tok.encode_chat(PROMPT)
     refs = {dt: torch_reference_from(model, config, torch_dtype=dt) for dt in args.torch_dtype}
     rows = []
     for b in args.batch_sizes:
@@ -239,7 +245,8 @@ def run_cpu(args):
                        speedup=j["decode_tok_s"] / r["decode_tok_s"])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lc = bench_llama_cpp(smollm2_path(), prompt_ids, args.new_tokens) if 1 in args.batch_sizes else None
+    lc = (bench_llama_cpp(smollm2_path(), prompt_ids, args.new_tokens)
+          if 1 in args.batch_sizes and not args.tiny else None)
     print_table(rows, lc, args)
     return dict(mode="cpu", prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, rows=rows, llama_cpp=lc)
 
@@ -247,6 +254,10 @@ def run_cpu(args):
 QWEN25_15B = ModelConfig(arch="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
                          num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
                          tie_embeddings=True, qkv_bias=True, max_position_embeddings=32768, name="qwen2.5-1.5b-shape")
+# SmolLM2's architecture at toy size: a smoke test of CPU mode (``--tiny``)
+LLAMA_TINY = ModelConfig(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, tie_embeddings=True,
+                         max_position_embeddings=1024, name="llama-tiny")
 # the same architecture at toy size: a smoke test of GPU mode on any backend (``--tiny``)
 QWEN2_TINY = ModelConfig(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6,
@@ -342,7 +353,8 @@ def main(argv=None):
                    help="CPU mode, transformers side, one run per dtype on the same weights (default: float32, "
                         "or bfloat16 when --dtype bfloat16)")
     p.add_argument("--tiny", action="store_true",
-                   help="GPU mode with a toy Qwen2-shaped model (smoke test of the script on any backend)")
+                   help="a toy model with random weights, a smoke test of the script (GPU mode: Qwen2-shaped, "
+                        "on any backend; CPU mode: Llama-shaped, against transformers)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     if args.torch_dtype is None:

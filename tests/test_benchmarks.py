@@ -36,7 +36,7 @@ def test_llm_benchmark_gpu_mode_runs_on_a_toy_model(tmp_path, capsys):
 def test_llm_benchmark_cpu_mode_runs_against_transformers(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     bench_llm_decode.main(["--batch-sizes", "2", "--new-tokens", "3", "--repeats", "1", "--gather-batch", "2",
-                           "--dtype", "mixed", "--torch-dtype", "bfloat16", "--json", str(out)])
+                           "--dtype", "mixed", "--torch-dtype", "bfloat16", "--tiny", "--json", str(out)])
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert [(r["batch"], r["dtype"], r["torch_dtype"]) for r in rows] == [(2, "mixed", "bfloat16")]

@@ -508,3 +508,18 @@ def test_cli_several_families_nested_and_caps(tmp_path, monkeypatch, capsys):
     assert scale.main(["--task", "letter_words,letter_words"]) == 2
     assert scale.main(["--task", "letter_words", "--max-budget", "pf"]) == 2
     assert "METHOD=BUDGET" in capsys.readouterr().err
+
+
+def test_unique_first_steps_counts_surviving_step_one_ancestors():
+    from app.methods.particle_filter import unique_first_steps
+
+    nl = 10  # a delimiter id
+    comps = [[1, 2, nl, 5, nl], [1, 2, nl, 6], [3, nl, 5], [1, 2, nl, 5, nl], [4, 4]]  # last: unfinished step
+    assert unique_first_steps(comps, (nl,)) == 3
+    assert unique_first_steps(comps[:2], (nl,)) == 1  # collapsed onto one first step
+    assert unique_first_steps(comps, (99,)) == 4  # no delimiter: whole completions
+    rows = [dict(method="pf", budget=2, prompt=i, seed=0, correct=True, tokens_generated=1, reward_calls=1,
+                 wall_time_s=0.0, unique_completions=2, unique_first_steps=i + 1) for i in range(2)]
+    s = summarize(rows)["pf@2"]
+    assert s["unique_first_steps"] == 1.5
+    assert "1 / 1 / 2.0 (1.5)" in scale.format_compute_table({"pf@2": s}, ["pf"], [2])

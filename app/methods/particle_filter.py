@@ -59,5 +59,18 @@ class ParticleFilter(Method):
             answers[i], ctx.lm.decode(comps[i]), comps[i], answers, w.tolist(),
             Compute(int(tok), int(calls), wall, comp), self.name, float(log_z),
             {**{k: np.asarray(v).item() for k, v in flags.items()},
-             "unique_completions": len({tuple(c) for c in comps})},
+             "unique_completions": len({tuple(c) for c in comps}),
+             "unique_first_steps": unique_first_steps(comps, ctx.lm.delimiter_ids)},
         )
+
+
+def unique_first_steps(completions: list[list[int]], delimiter_ids) -> int:
+    """Distinct first steps (tokens up to and including the first delimiter) among the final
+    particles: how many different step-1 ancestors survive, the path-degeneracy diagnostic of a
+    particle filter (1 = every particle descends from one first step)."""
+    stops = set(int(d) for d in delimiter_ids)
+    firsts = set()
+    for c in completions:
+        k = next((j + 1 for j, t in enumerate(c) if int(t) in stops), len(c))
+        firsts.add(tuple(c[:k]))
+    return len(firsts)
