@@ -96,3 +96,48 @@ def _free_compiled_programs(request):
         with open(log, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {os.getpid()} {request.module.__name__} peak={peak:.0f} "
                     f"before={now:.0f} after={_rss_mb():.0f} cleared={cleared}\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# scheduling under pytest-xdist (`make test` runs `-n 2`)
+# ------------------------------------------------------------------------------------------------
+# xdist's default "load" scheduling spreads one module's tests over both workers, and then every
+# module-scoped fixture (compiled filters, reference runs, the 8-device subprocess of
+# test_sharding, the 10^7-particle resampling draws...) is built on both workers: a probe module
+# with one module fixture and 8 tests built it twice at -n 2, in every run. Here a module is one
+# unit of work (xdist's "loadscope"), except the modules whose tests share nothing (a notebook, a
+# docs page: one unit each); the units known to be slow go first (longest first balances the two
+# workers' tails). An explicit `--dist` other than the default keeps xdist's own scheduler.
+
+#: modules whose tests are independent units
+_FREE_MODULES = ("test_notebooks.py", "test_docs.py")
+#: rough seconds per module (or per test of a free module) on the 2-core CI machine, slowest first;
+#: unlisted modules follow in collection order
+_SLOW_FIRST = (
+    "test_notebooks.py", "test_sharding.py", "test_docs.py", "test_llm_ssm.py", "test_tempering.py",
+    "test_smc2.py", "test_zoo.py", "test_llm_methods.py", "test_particle_gibbs.py", "test_demo.py",
+    "test_benchmarks.py", "test_diffusion_gmm.py", "test_resampling_scale.py", "test_pmmh.py",
+    "test_learned_proposals.py", "test_calibration_harness.py", "test_diffusion_correctors.py",
+    "test_llm_parity.py", "test_contract.py", "test_progress.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow modules first (a stable sort: a module's tests stay together and in their order)."""
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the slow-first collection order
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module.endswith(_FREE_MODULES) else module
+
+    return ModuleScheduling(config, log)
