@@ -128,6 +128,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: no error where xdist is absent or disabled
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "load":
         return None
