@@ -148,7 +148,10 @@ def test_tempering_page_code_runs(tmp_path):
 _PAGES = {
     "README.md": {},
     "docs/llm_runtime.md": {},
-    "docs/llm_as_ssm.md": {},
+    "docs/llm_as_ssm.md": {
+        "power, 2048, ess_threshold=1.0": "power, 256, ess_threshold=1.0",
+        "max_steps=3, max_step_tokens=16, temperature=0.5": "max_steps=2, max_step_tokens=6, temperature=0.5",
+    },
     "docs/diffusion.md": {},
     "docs/noise_search.md": {},
     "docs/fk_steering.md": {},
