@@ -398,7 +398,7 @@ def run_experiment(cfg: ScaleConfig, *, lm=None, progress: bool = True, resume: 
         with open(path) as f:
             old = json.load(f)
         prev = old.get("config", {})
-        keys = ("task", "max_step_tokens", "temperature", "reward", "method_options")
+        keys = ("task", "max_step_tokens", "temperature", "reward", "method_options", "nested")
         diff = {k: (prev.get(k), cfg.as_dict()[k]) for k in keys if prev.get(k) != cfg.as_dict()[k]}
         if prev.get("max_steps_used", max_steps) != max_steps:
             diff["max_steps"] = (prev.get("max_steps_used"), max_steps)

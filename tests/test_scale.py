@@ -125,6 +125,11 @@ def test_run_experiment_report_and_resume(tmp_path):
                         max_step_tokens=5, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="cannot resume.*max_step_tokens"):
         run_experiment(other, lm=_LM(), progress=False, resume=True, run_fn=boom)
+    # separate bon runs and a nested pool would give two rows per (bon, budget, prompt, seed)
+    nested = ScaleConfig("letter_words", methods=["pf", "bon"], budgets=[1, 2, 4], seeds=2, num_prompts=3,
+                         output_dir=str(tmp_path), nested=True)
+    with pytest.raises(ValueError, match="cannot resume.*nested"):
+        run_experiment(nested, lm=_LM(), progress=False, resume=True, run_fn=boom)
 
 
 def test_runs_share_the_host_callbacks(tmp_path):
