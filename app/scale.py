@@ -347,7 +347,9 @@ def nested_rows(pool: dict, methods: Sequence[str], budgets: Sequence[int]) -> l
             if m == "sc":
                 w = np.full(b, 1.0 / b)
             elif m == "wbon":
-                w = _normalised_scores(scores[:b])
+                from app.methods.base import normalised
+
+                w = normalised(np.where(np.isnan(scores[:b]), -np.inf, scores[:b]))
             else:
                 best = scores[:b] == scores[:b].max()
                 w = best / best.sum()
@@ -362,15 +364,6 @@ def nested_rows(pool: dict, methods: Sequence[str], budgets: Sequence[int]) -> l
                 unique_completions=len(set(answers[:b])), nested_from=f"{POOL}@{n}",
             ))
     return out
-
-
-def _normalised_scores(scores: np.ndarray) -> np.ndarray:
-    s = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
-    top = np.max(s)
-    if not np.isfinite(top):
-        return np.full(s.shape, 1.0 / s.size)
-    w = np.exp(s - top)
-    return w / w.sum()
 
 
 def _row_key(r: dict) -> tuple:
